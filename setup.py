@@ -1,0 +1,48 @@
+"""mm_plugin: LLaVA-1.5 training and inference on megatron-core (CUDA, Ascend NPU, CPU).
+
+Install torch first (the build that matches your accelerator), then this package:
+    pip install torch==2.13.0 && pip install -e .[test]
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mm_plugin",
+    version="0.1.0",
+    description="LLaVA-1.5 on megatron-core: one installable plugin for NVIDIA GPUs, Ascend NPUs and CPUs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The runtime patches live in the top-level patches/ folder and ship as mm_plugin.patches.
+    packages=find_packages(include=["mm_plugin", "mm_plugin.*"]) + ["mm_plugin.patches"],
+    package_dir={"mm_plugin.patches": "patches"},
+    include_package_data=True,
+    package_data={"mm_plugin": ["presets/*.json"]},
+    install_requires=[
+        "torch>=2.6",
+        # 0.12.x: the line current MindSpeed supports; 0.16.x: the newest for Python 3.11.
+        "megatron-core>=0.12,!=0.13.*,!=0.14.*,!=0.15.*,<0.17",
+        "transformers>=5,<6",
+        "wrapt>=1.14",
+        "pillow>=10",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "psutil>=5.9",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "packaging>=23",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={
+        "console_scripts": [
+            "mm-convert=mm_plugin.convert.cli:main",
+            "mm-data=mm_plugin.data.cli:main",
+            "mm-pretrain=mm_plugin.training.cli:main",
+            "mm-infer=mm_plugin.inference.cli:main",
+            "mm-plot=mm_plugin.training.plot:main",
+        ]
+    },
+)
