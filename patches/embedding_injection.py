@@ -1,1 +1,44 @@
-PATCHES = []
+"""Multimodal embedding injection: projected image features replace the image positions' embeddings.
+
+megatron-core's ``LanguageModelEmbedding.forward(input_ids, position_ids, tokentype_ids=None)`` gains
+two keyword arguments, ``image_features`` [n, hidden] and ``image_mask`` [b, s] (True where a feature
+goes, row-major). The caller — the LLaVA model's own forward — passes them explicitly; nothing is
+kept in process-global state. Without them the stock embedding runs unchanged.
+"""
+
+from __future__ import annotations
+
+from .registry import Patch, wrapping
+
+
+class ImageFeatureCountError(ValueError):
+    """The image positions and the projected features disagree in number."""
+
+
+def _inject_image_features(wrapped, instance, args, kwargs):
+    image_features = kwargs.pop("image_features", None)
+    image_mask = kwargs.pop("image_mask", None)
+    embeddings = wrapped(*args, **kwargs)  # [s, b, h]
+    if image_features is None:
+        return embeddings
+    if getattr(instance.config, "sequence_parallel", False):
+        raise NotImplementedError("image features cannot be injected into a sequence-parallel embedding")
+    features = image_features.reshape(-1, embeddings.shape[-1])
+    positions = int(image_mask.sum())
+    if positions != features.shape[0]:
+        raise ImageFeatureCountError(
+            f"{positions} image positions in the sequence but {features.shape[0]} image feature vectors"
+        )
+    merged = embeddings.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(embeddings.dtype))
+    return merged.transpose(0, 1).contiguous()
+
+
+PATCHES = [
+    Patch(
+        name="multimodal.embedding_injection",
+        target="megatron.core.models.common.embeddings.language_model_embedding:LanguageModelEmbedding.forward",
+        replace=wrapping(_inject_image_features),
+        reason="writes projected image features into the image positions of the decoder's input embeddings",
+        versions={"megatron-core": ">=0.12,<0.17"},
+    ),
+]
