@@ -205,7 +205,7 @@ _REQUIRED_VALUES = {
         "add_class_token": True,
     },
     "vision_projector": {
-        "gated_linear_unit": False, "add_bias_linear": True,
+        "gated_linear_unit": False, "add_bias_linear": True, "activation_func": "gelu",
         # megatron fuses bias+GELU with the tanh approximation; LLaVA's GELU is the exact erf.
         "bias_activation_fusion": False,
     },
@@ -391,3 +391,39 @@ def to_mindspeed_json(config: LlavaConfig) -> dict:
         "text_encoder": None,
         "video_encoder": None,
     }
+
+
+def from_hf_config(hf: Any, source: str = "Hugging Face config") -> LlavaConfig:
+    """Our config for a transformers ``LlavaConfig`` (object or ``config.json`` dict)."""
+    raw = hf if isinstance(hf, dict) else hf.to_dict()
+    vision, text = raw["vision_config"], raw["text_config"]
+    if raw.get("vision_feature_select_strategy", "default") not in ("default", "full"):
+        raise ModelConfigError(f"{source}: vision_feature_select_strategy {raw['vision_feature_select_strategy']!r}")
+    if raw.get("projector_hidden_act", "gelu") != "gelu":
+        raise ModelConfigError(f"{source}: projector_hidden_act {raw['projector_hidden_act']!r}: LLaVA-1.5 uses gelu")
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default" or text.get("attention_bias") or text.get("mlp_bias"):
+        raise ModelConfigError(f"{source}: RoPE scaling, attention_bias or mlp_bias: not LLaVA-1.5's LLaMA")
+    layer = raw.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ModelConfigError(f"{source}: vision_feature_layer {layer!r}: one layer index is supported")
+    heads = text["num_attention_heads"]
+    return LlavaConfig(
+        vision=VisionEncoderConfig(
+            num_layers=vision["num_hidden_layers"], select_layer=layer,
+            select_feature="patch" if raw.get("vision_feature_select_strategy", "default") == "default" else "cls_patch",
+            hidden_size=vision["hidden_size"], num_attention_heads=vision["num_attention_heads"],
+            ffn_hidden_size=vision["intermediate_size"], image_size=vision["image_size"],
+            patch_size=vision["patch_size"], layernorm_epsilon=vision.get("layer_norm_eps", 1e-5),
+        ),
+        projector=ProjectorConfig(ffn_hidden_size=text["hidden_size"]),
+        language=LanguageModelConfig(
+            num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"], num_attention_heads=heads,
+            num_query_groups=text.get("num_key_value_heads") or heads, ffn_hidden_size=text["intermediate_size"],
+            kv_channels=text.get("head_dim") or text["hidden_size"] // heads, vocab_size=text["vocab_size"],
+            max_sequence_length=text.get("max_position_embeddings", 4096),
+            layernorm_epsilon=text.get("rms_norm_eps", 1e-6),
+            rotary_base=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+        ),
+        source=source,
+    ).validate()
