@@ -108,6 +108,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes files private; the final file gets normal permissions
     try:
         yield temporary
         with open(temporary, "rb") as written:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from mm_plugin.config.model import LlavaConfig, ModelConfigError
+from mm_plugin.parallel.sources import TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +58,80 @@ def select_built_vision_layers(state: Mapping[str, torch.Tensor], config: LlavaC
         logger.info("%s: vision layers %d..%d and ln_post are not built (the feature is layer %d's output)",
                     source, built, held - 1, built)
     return kept
+
+
+# --- part files and training checkpoints -> a built (possibly TP/PP-sharded) model --------------
+
+PART_PREFIXES = (("vision_encoder", "vision_model."), ("vision_projector", "vision_projection."),
+                 ("text_decoder", "language_model."))
+
+
+def _parts(config: LlavaConfig):
+    return zip(PART_PREFIXES, (config.vision, config.projector, config.language))
+
+
+def check_part_paths(config: LlavaConfig, hint: str = "") -> None:
+    """Every ``ckpt_path`` names an existing file or checkpoint directory: checked before any compute."""
+    for (part_name, _), part in _parts(config):
+        if part.ckpt_path and not Path(part.ckpt_path).exists():
+            raise ModelConfigError(
+                f"{config.source}: {part_name}.ckpt_path {part.ckpt_path!r} does not exist. Convert the weights "
+                f"with `mm-convert` (see docs/convert.md) and point ckpt_path at the result{hint}"
+            )
+
+
+class _Subset(TensorSource):
+    """A source that shows only some of its keys (the vision layers the model builds)."""
+
+    def __init__(self, source: TensorSource, keys: set[str]):
+        self._source, self._keys, self.name = source, keys, source.name
+
+    def keys(self) -> list[str]:
+        return [key for key in self._source.keys() if key in self._keys]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(key)
+
+    def read(self, key: str, index) -> torch.Tensor:
+        return self._source.read(key, index)
+
+
+def load_parts(model, config: LlavaConfig) -> None:
+    """Load each part's ``ckpt_path`` into the model, sliced for this rank. Collective on every rank.
+
+    A part file is a full (TP=1) state dict of that part; a directory is a training checkpoint, read
+    through dist_checkpointing (resharded to this run's layout). Parts without ``ckpt_path`` keep their
+    initialisation (a warning for frozen ones: they will never learn).
+    """
+    from mm_plugin.parallel import load_full_state_dict
+    from mm_plugin.parallel.sources import open_source
+
+    check_part_paths(config)
+    for (part_name, prefix), part in _parts(config):
+        if part is config.projector and config.projector.projector_type == "identity":
+            continue
+        if not part.ckpt_path:
+            if part.freeze:
+                logger.warning("%s: frozen but has no ckpt_path: it keeps random weights", part_name)
+            continue
+        path = Path(part.ckpt_path)
+        if path.is_dir():
+            load_part_from_checkpoint(model, path, prefix)
+            continue
+        source = open_source(path)
+        if part is config.vision:
+            built = select_built_vision_layers(dict.fromkeys(source.keys()), config, str(path))
+            source = _Subset(source, set(built))
+        vocab = config.language.vocab_size if part is config.language else None
+        load_full_state_dict(model, source, prefix=prefix, vocab_size=vocab)
+        logger.info("%s: loaded %s", part_name, path)
+
+
+def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
+    """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model."""
+    from mm_plugin.training.checkpointing import load_model_weights, resolve_checkpoint
+
+    checkpoint, _ = resolve_checkpoint(directory)
+    needed = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+    load_model_weights(checkpoint, model, prefix=prefix, required=needed)
+    logger.info("%s: loaded from training checkpoint %s", prefix.rstrip("."), checkpoint)

@@ -1,0 +1,179 @@
+"""Megatron-style command-line arguments of the pretraining loop.
+
+The flags and their meaning are Megatron-LM's (``--tensor-model-parallel-size``, ``--micro-batch-size``,
+``--lr``, ``--save``...), plus ``--mm-model``/``--mm-data``. Every flag MindSpeed-MM's published
+``pretrain_llava1_5.sh`` passes is accepted; those without effect here are listed in ``NO_EFFECT``
+and logged once, never silently dropped. Checks that need no model (batch arithmetic, paths) run
+before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+# Flag -> why it changes nothing in this package (logged once when given).
+NO_EFFECT = {
+    "tokenizer_type": "the tokenizer is data.json's tokenizer_config.from_pretrained",
+    "no_masked_softmax_fusion": "core attention is SDPA or megatron's unfused local attention",
+    "no_gradient_accumulation_fusion": "gradient-accumulation fusion is off (it needs apex/TransformerEngine)",
+    "use_fused_rotary_pos_emb": "the RoPE fusion needs TransformerEngine; the unfused RoPE is exact",
+    "use_flash_attn": "core attention is chosen by model.json attention_backend (SDPA uses flash kernels on GPU)",
+    "mm_tool": "MindSpeed-MM's tool config (profiling, memory snapshots) has no counterpart here",
+    "ckpt_format": "checkpoints are always megatron dist_checkpointing (torch_dist), reshardable across TP/PP/DP",
+    "distributed_backend": "the backend follows the device: nccl on CUDA, hccl on NPU, gloo on CPU",
+    "eval_iters": "validation runs the --eval-batches micro-batches of the held-out set",
+    "no_load_rng_state_on_resume": "see --no-load-rng",
+}
+
+
+class ArgumentError(ValueError):
+    """An argument combination that cannot run; raised before any compute."""
+
+
+def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LLaVA-1.5 pretraining on megatron-core (Megatron-LM compatible flags)",
+        allow_abbrev=False,
+    )
+    mm = parser.add_argument_group("multimodal")
+    mm.add_argument("--mm-model", required=True, help="model.json (MindSpeed-MM layout) or a preset name")
+    mm.add_argument("--mm-data", required=True, help="data.json (MindSpeed-MM layout)")
+    mm.add_argument("--mm-tool", default=None, help="accepted for MindSpeed-MM scripts; no effect")
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--context-parallel-size", type=int, default=1)
+    parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    parallel.add_argument("--overlap-grad-reduce", action="store_true")
+    parallel.add_argument("--distributed-backend", default=None)
+    parallel.add_argument("--distributed-timeout-minutes", type=int, default=30)
+
+    batch = parser.add_argument_group("batches and length")
+    batch.add_argument("--micro-batch-size", type=int, required=True)
+    batch.add_argument("--global-batch-size", type=int, default=None,
+                       help="default: micro-batch size x data-parallel size")
+    batch.add_argument("--seq-length", type=int, required=True,
+                       help="decoder length, each image counted as its image tokens (model_max_length)")
+    batch.add_argument("--train-iters", type=int, default=None)
+    batch.add_argument("--train-samples", type=int, default=None)
+    batch.add_argument("--num-workers", type=int, default=2)
+    batch.add_argument("--seed", type=int, default=1234)
+    batch.add_argument("--vocab-size", type=int, default=None, help="checked against model.json")
+    batch.add_argument("--position-embedding-type", default="rope", choices=["rope"])
+    batch.add_argument("--tokenizer-type", default=None)
+
+    optim = parser.add_argument_group("optimizer and schedule")
+    optim.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    optim.add_argument("--lr", type=float, required=True)
+    optim.add_argument("--min-lr", type=float, default=0.0)
+    optim.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine"])
+    optim.add_argument("--lr-warmup-fraction", type=float, default=None)
+    optim.add_argument("--lr-warmup-iters", type=int, default=0)
+    optim.add_argument("--lr-decay-iters", type=int, default=None)
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--clip-grad", type=float, default=1.0, help="0 turns clipping off")
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.999)
+    optim.add_argument("--adam-eps", type=float, default=1e-8)
+
+    precision = parser.add_argument_group("precision")
+    precision.add_argument("--bf16", action="store_true")
+    precision.add_argument("--fp16", action="store_true")
+    precision.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    precision.add_argument("--min-loss-scale", type=float, default=1.0)
+    precision.add_argument("--loss-scale-window", type=int, default=1000)
+    precision.add_argument("--hysteresis", type=int, default=2)
+    precision.add_argument("--loss-scale", type=float, default=None, help="a static loss scale (fp16)")
+
+    recompute = parser.add_argument_group("activation recompute")
+    recompute.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    recompute.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    recompute.add_argument("--recompute-num-layers", type=int, default=None)
+
+    checkpoint = parser.add_argument_group("checkpoints")
+    checkpoint.add_argument("--save", default=None)
+    checkpoint.add_argument("--load", default=None)
+    checkpoint.add_argument("--save-interval", type=int, default=None)
+    checkpoint.add_argument("--save-frozen", action="store_true",
+                            help="also save frozen weights (default: only the trainable ones)")
+    checkpoint.add_argument("--no-save-optim", action="store_true")
+    checkpoint.add_argument("--no-save-rng", action="store_true")
+    checkpoint.add_argument("--no-load-optim", action="store_true")
+    checkpoint.add_argument("--no-load-rng", action="store_true")
+    checkpoint.add_argument("--finetune", action="store_true",
+                            help="load only the model weights and start at iteration 0")
+    checkpoint.add_argument("--ckpt-format", default=None)
+    checkpoint.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration")
+
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log-interval", type=int, default=10)
+    logging_group.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
+    logging_group.add_argument("--eval-interval", type=int, default=None)
+    logging_group.add_argument("--eval-iters", type=int, default=None)
+    logging_group.add_argument("--eval-batches", type=int, default=10)
+    logging_group.add_argument("--peak-tflops", type=float, default=None,
+                               help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
+
+    faults = parser.add_argument_group("numerical faults")
+    faults.add_argument("--max-skipped-iterations", type=int, default=10,
+                        help="stop after this many iterations in a row skipped for a NaN/Inf loss or gradient")
+
+    ignored = parser.add_argument_group("accepted from MindSpeed-MM scripts without effect here")
+    for flag in ("--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--use-fused-rotary-pos-emb",
+                 "--use-flash-attn", "--no-load-rng-state-on-resume"):
+        ignored.add_argument(flag, action="store_true")
+
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider: Optional[Callable] = None,
+               defaults: Optional[dict] = None) -> argparse.Namespace:
+    parser = build_parser(extra_args_provider)
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    for name, reason in NO_EFFECT.items():
+        if getattr(args, name, None) not in (None, False):
+            logger.info("--%s: accepted without effect here: %s", name.replace("_", "-"), reason)
+    return args
+
+
+def validate(args: argparse.Namespace, world_size: int) -> None:
+    """Batch arithmetic and flag combinations, checked before any model is built."""
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ArgumentError(
+            f"{world_size} processes cannot be split into tensor-parallel {args.tensor_model_parallel_size} x "
+            f"pipeline-parallel {args.pipeline_model_parallel_size} groups"
+        )
+    data_parallel = world_size // model_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel
+    per_step = args.micro_batch_size * data_parallel
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {data_parallel} = {per_step}"
+        )
+    if args.context_parallel_size != 1:
+        raise ArgumentError("--context-parallel-size > 1 is not supported (LLaVA-1.5 sequences are short)")
+    if args.sequence_parallel:
+        raise ArgumentError("--sequence-parallel is not supported: image features are injected per position")
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 exclude each other")
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ArgumentError("give exactly one of --train-iters and --train-samples")
+    if args.train_samples is not None:
+        args.train_iters = -(-args.train_samples // args.global_batch_size)
+    if args.save_interval and not args.save:
+        raise ArgumentError("--save-interval needs --save DIR")
+    args.data_parallel_size = data_parallel
+    args.num_microbatches = args.global_batch_size // per_step

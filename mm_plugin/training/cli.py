@@ -1,0 +1,124 @@
+"""``mm-pretrain`` / ``torchrun launch/pretrain.py``: LLaVA-1.5 pretraining.
+
+Uses Megatron-LM's stock ``megatron.training.pretrain`` when a Megatron-LM checkout is importable (as
+on Ascend, next to MindSpeed), otherwise this package's loop with the same signature. Configuration
+mistakes stop the run before any compute with one clear message (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger("mm_plugin.pretrain")
+
+DEMO_HINT = ("; to try the whole pipeline without downloaded weights or data, run "
+             "`bash examples/llava1.5/pretrain_llava1_5.sh --demo`")
+
+
+def configure_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    # megatron-core logs its whole DDP/optimizer configuration and bucket layout at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def check_inputs(args: argparse.Namespace, model_config, data_config) -> None:
+    """Everything that can be checked without a model: files exist, sizes agree."""
+    from mm_plugin.config.model import ModelConfigError
+    from mm_plugin.data.errors import DataError
+    from mm_plugin.models.loading import check_part_paths
+
+    check_part_paths(model_config, hint=DEMO_HINT)
+    for what, path in (("data_path", data_config.data_path), ("data_folder", data_config.data_folder),
+                       ("tokenizer_config.from_pretrained", data_config.tokenizer_path)):
+        if not path or not Path(path).exists():
+            raise DataError(f"{args.mm_data}: {what} {path!r} does not exist{DEMO_HINT}")
+    if args.vocab_size is not None and args.vocab_size != model_config.language.vocab_size:
+        raise ModelConfigError(f"--vocab-size {args.vocab_size} but {args.mm_model} says language_vocab_size "
+                               f"{model_config.language.vocab_size}")
+    if args.seq_length > model_config.language.max_sequence_length:
+        raise ModelConfigError(f"--seq-length {args.seq_length} exceeds {args.mm_model}'s "
+                               f"max_sequence_length {model_config.language.max_sequence_length}")
+
+
+def run(argv: Optional[Sequence[str]] = None):
+    import mm_plugin  # noqa: F401  (patches)
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.data.config import load_data_config
+    from mm_plugin.training.arguments import parse_args
+    from mm_plugin.training.providers import bind
+
+    args = parse_args(argv)
+    model_config = load_model_config(args.mm_model)
+    data_config = load_data_config(args.mm_data)
+    check_inputs(args, model_config, data_config)
+    providers = bind(args, model_config, data_config)
+    from megatron.core.enums import ModelType
+
+    if importlib.util.find_spec("megatron.training") is not None:
+        return _run_megatron_lm(args, model_config, providers, ModelType.encoder_or_decoder)
+    from mm_plugin.training.loop import pretrain
+
+    return pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
+                    providers.forward_step, args=args, stats=providers.stats, model_config=model_config)
+
+
+def _run_megatron_lm(args, model_config, providers, model_type):
+    """Megatron-LM's own pretrain(), given our three functions and our flags as its extra arguments."""
+    from megatron.training import get_args, pretrain
+
+    from mm_plugin.training.arguments import build_parser
+
+    ours = build_parser()
+
+    def add_our_flags(parser):
+        known = {option for action in parser._actions for option in action.option_strings}
+        group = parser.add_argument_group("mm_plugin")
+        for action in ours._actions:
+            if action.option_strings and not set(action.option_strings) & known:
+                group._add_action(action)
+        return parser
+
+    def datasets(num_samples):
+        return providers.datasets_provider(num_samples, consumed_samples=get_args().consumed_train_samples)
+
+    language = model_config.language
+    defaults = dict(dataloader_type="external", num_layers=language.num_layers, hidden_size=language.hidden_size,
+                    num_attention_heads=language.num_attention_heads, max_position_embeddings=language.max_sequence_length)
+    logger.info("Megatron-LM found: running its pretrain() with mm_plugin's providers")
+    return pretrain(datasets, providers.model_provider, model_type, providers.forward_step,
+                    extra_args_provider=add_our_flags, args_defaults=defaults)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    configure_logging()
+    from mm_plugin.config.model import ModelConfigError
+    from mm_plugin.data.errors import DataError
+    from mm_plugin.parallel import FullStateDictError
+    from mm_plugin.safe_io import UnsafeFileError, WeightFileError
+    from mm_plugin.training.arguments import ArgumentError
+    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.training.loop import TrainingStopped
+
+    try:
+        run(argv)
+    except (ModelConfigError, DataError, ArgumentError, CheckpointError, FullStateDictError, UnsafeFileError,
+            WeightFileError, TrainingStopped) as error:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"mm-pretrain: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The embedded default: a miniature of the real LLaVA-1.5 flow that runs on a CPU in minutes.
+
+``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` calls these steps between its ``mm-data`` and
+``torchrun launch/pretrain.py`` commands:
+
+    prepare OUT        synthetic LLaVA-Pretrain-layout data (train, held-out, a text-only copy task) with
+                       a sentencepiece tokenizer; a tiny random CLIP written as OUT/weights/converted_clip.pt
+                       (as a user's converted CLIP); model.json files for the two training runs
+    export-lm CKPT OUT write the language model the text-only run trained as OUT/weights/converted_vicuna.pt
+                       (as a user's converted Vicuna)
+    evaluate OUT       the evidence that stage 1 learned from the pictures: held-out caption loss with the
+                       right images, with the images shuffled among samples, and of the language model alone
+
+The tiny language model first learns language *and in-context copying* from the text-only run (captions
+after a hint made of their words). A model trained on bare captions cannot learn to use the image: its
+words are independent, so it never learns to read its context, and stage 1 would only mute the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE, PATCH_SIZE = 56, 14
+TRAIN_RECORDS, HELDOUT_RECORDS, TEXT_RECORDS = 4000, 256, 6000
+SEQ_LENGTH = 64
+
+
+def _vision_config() -> dict:
+    return {"model_id": "clip", "num_layers": 3, "select_layer": -2, "hidden_size": 64, "num_attention_heads": 4,
+            "ffn_hidden_size": 128, "patch_size": PATCH_SIZE, "image_size": IMAGE_SIZE, "params_dtype": "fp32",
+            "freeze": True, "ckpt_path": "weights/converted_clip.pt"}
+
+
+def model_json(vocab_size: int, *, language_ckpt: Optional[str], train_language: bool) -> dict:
+    """A tiny LLaVA in MindSpeed-MM's model.json layout (paths relative to the file)."""
+    return {
+        "model_id": "llava",
+        "text_decoder": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                         "ffn_hidden_size": 160, "language_vocab_size": vocab_size,
+                         "language_max_sequence_length": 128, "layernorm_epsilon": 1e-6, "params_dtype": "fp32",
+                         "freeze": not train_language, "ckpt_path": language_ckpt},
+        "image_encoder": {
+            "vision_encoder": _vision_config(),
+            "vision_projector": {"model_id": "mlp", "input_size": 64, "hidden_size": 64, "ffn_hidden_size": 64,
+                                 "params_dtype": "fp32", "freeze": train_language, "ckpt_path": None},
+        },
+        "text_encoder": None, "video_encoder": None,
+    }
+
+
+def _synth(out: Path, kind: str, num: int, seed: int, tokenizer: Optional[Path] = None) -> None:
+    command = [sys.executable, "-m", "mm_plugin.data.cli", "synth", "--out", str(out), "--num", str(num),
+               "--kind", kind, "--seed", str(seed), "--image-size", str(IMAGE_SIZE), "--patch-size", str(PATCH_SIZE)]
+    if tokenizer:
+        command += ["--tokenizer", str(tokenizer)]
+    subprocess.run(command, check=True)
+
+
+def write_random_clip(path: Path, seed: int = 0) -> None:
+    """A tiny CLIP vision tower with random weights, converted from Hugging Face's layout to a part file."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mm_plugin.models.hf_keys import AttentionShape, to_ours
+    from mm_plugin.safe_io import save_state
+
+    vision = _vision_config()
+    config = CLIPVisionConfig(hidden_size=vision["hidden_size"], intermediate_size=vision["ffn_hidden_size"],
+                              num_hidden_layers=vision["num_layers"], num_attention_heads=vision["num_attention_heads"],
+                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    torch.manual_seed(seed)
+    state = CLIPVisionModel(config).state_dict()
+    heads = vision["num_attention_heads"]
+    shape = AttentionShape(heads, heads, vision["hidden_size"] // heads)
+    part = dict(to_ours("vision", vision["num_layers"], shape, state.__getitem__))
+    save_state(part, path)
+
+
+def prepare(out: Path) -> None:
+    """Data, tokenizer, the random CLIP part file and both model.json files."""
+    from mm_plugin.data.tokenization import load_tokenizer
+    from mm_plugin.safe_io import write_text
+
+    _synth(out / "data" / "train", "pretrain", TRAIN_RECORDS, seed=0)
+    tokenizer = out / "data" / "train" / "tokenizer"
+    _synth(out / "data" / "heldout", "pretrain", HELDOUT_RECORDS, seed=1, tokenizer=tokenizer)
+    _synth(out / "data" / "text", "text", TEXT_RECORDS, seed=2, tokenizer=tokenizer)
+    vocab = len(load_tokenizer(tokenizer))
+    write_random_clip(out / "weights" / "converted_clip.pt")
+    write_text(out / "model_lm.json",
+               json.dumps(model_json(vocab, language_ckpt=None, train_language=True), indent=2) + "\n")
+    write_text(out / "model.json", json.dumps(
+        model_json(vocab, language_ckpt="weights/converted_vicuna.pt", train_language=False), indent=2) + "\n")
+    print(f"demo inputs ready in {out}: data/{{train,heldout,text}}, weights/converted_clip.pt, "
+          f"model_lm.json, model.json (vocabulary {vocab})")
+
+
+def _single_process_world() -> None:
+    from megatron.core import parallel_state
+
+    from mm_plugin.training.loop import _free_port
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                             world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def export_language_model(checkpoint: Path, output: Path) -> None:
+    """The trained decoder of a training checkpoint as a TP=1 part file (what `mm-convert llm` writes)."""
+    from mm_plugin.safe_io import save_state
+    from mm_plugin.training.checkpointing import read_model_tensors
+
+    _single_process_world()
+    tensors = read_model_tensors(checkpoint)
+    prefix = "language_model."
+    part = {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+    if not part:
+        raise SystemExit(f"{checkpoint}: holds no language-model weights")
+    save_state(part, output)
+    print(f"wrote {output}: {len(part)} tensors of the text-only run's language model")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import mm_plugin  # noqa: F401  (patches)
+
+    parser = argparse.ArgumentParser(prog="python -m mm_plugin.training.demo")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("prepare").add_argument("out", type=Path)
+    export = commands.add_parser("export-lm")
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("output", type=Path)
+    commands.add_parser("evaluate").add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.command == "prepare":
+        prepare(args.out)
+    elif args.command == "export-lm":
+        export_language_model(args.checkpoint, args.output)
+    else:
+        from mm_plugin.training.demo_evaluation import print_report
+
+        print_report(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Did the demo's stage 1 learn from the pictures? Three held-out caption losses answer it.
+
+* ``with_images``: the stage-1 model on held-out records, each with its own image;
+* ``images_shuffled``: the same records, each given another record's image;
+* ``language_model_alone``: the language model on the same captions without any image.
+
+Learning from pictures means ``with_images`` well below both others: the model reads the image, and
+what it reads is specific to that image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BATCH = 64
+
+
+def _model(out: Path):
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.models.loading import load_part_from_checkpoint, load_parts
+
+    config = load_model_config(str(out / "model.json"))
+    model = LlavaModel(config)
+    load_parts(model, config)
+    load_part_from_checkpoint(model, out / "checkpoints" / "stage1", "vision_projection.")
+    return model.eval()
+
+
+def _held_out(out: Path, model):
+    from mm_plugin.data.collate import Collator
+    from mm_plugin.data.config import load_data_config
+    from mm_plugin.data.loader import build_datasets
+    from mm_plugin.data.tokenization import load_tokenizer
+
+    config = load_data_config(out / "data" / "heldout" / "data.json")
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    dataset, _ = build_datasets(config, tokenizer, image_tokens=model.tokens_per_image, model_max_length=128)
+    collate = Collator(tokenizer.pad_token_id)
+    samples = [dataset[index] for index in range(len(dataset))]
+    return [collate(samples[start:start + BATCH]) for start in range(0, len(samples), BATCH)], tokenizer.pad_token_id
+
+
+def _mean_loss(model, batches, pad_token_id: int, transform) -> float:
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            input_ids, labels, images, counts = transform(batch)
+            loss, mask = model(input_ids, labels, images, counts, pad_token_id=pad_token_id)
+            total += float((loss * mask).sum())
+            count += float(mask.sum())
+    return total / count
+
+
+def _as_is(batch):
+    return batch["input_ids"], batch["labels"], batch["images"], batch["image_counts"]
+
+
+def _shuffled(batch):
+    """Every sample gets the next sample's image (one image each in the pretraining layout)."""
+    return batch["input_ids"], batch["labels"], batch["images"].roll(1, dims=0), batch["image_counts"]
+
+
+def _without_images(batch):
+    keep = batch["input_ids"] != -200
+    width = int(keep.sum(dim=1).max())
+    input_ids = torch.stack([row[mask][:width] for row, mask in zip(batch["input_ids"], keep)])
+    labels = torch.stack([row[mask][:width] for row, mask in zip(batch["labels"], keep)])
+    return input_ids, labels, batch["images"][:0], torch.zeros_like(batch["image_counts"])
+
+
+def demo_losses(out: str | Path) -> dict[str, float]:
+    """The three held-out caption losses (needs a torch.distributed world of one; see demo.py)."""
+    from mm_plugin.training.demo import _single_process_world
+
+    out = Path(out)
+    _single_process_world()
+    model = _model(out)
+    batches, pad = _held_out(out, model)
+    return {name: _mean_loss(model, batches, pad, transform) for name, transform in
+            (("with_images", _as_is), ("images_shuffled", _shuffled), ("language_model_alone", _without_images))}
+
+
+def print_report(out: str | Path) -> dict[str, float]:
+    losses = demo_losses(out)
+    print("held-out caption loss (per token):")
+    for name, value in losses.items():
+        print(f"  {name:<22} {value:.4f}")
+    alone = losses["language_model_alone"]
+    print(f"  the images cut the language model's loss by {100 * (1 - losses['with_images'] / alone):.0f}%; "
+          f"shuffled images give {losses['images_shuffled']:.4f}")
+    return losses

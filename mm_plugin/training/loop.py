@@ -1,0 +1,260 @@
+"""``pretrain()`` with Megatron-LM's signature, built on megatron-core's parts.
+
+PyPI's megatron-core has no ``megatron.training``; this is the loop ``launch/pretrain.py`` runs then.
+Everything parallel is megatron-core's: ``parallel_state`` (TP/PP/DP groups), ``get_forward_backward_func``
+(micro-batches, gradient accumulation, pipeline schedules), ``DistributedDataParallel``,
+``get_megatron_optimizer`` (Adam, distributed optimizer, loss scaling), ``OptimizerParamScheduler``
+(warmup + cosine), ``dist_checkpointing``. What is ours: the order of those calls, skipping steps with
+a NaN/Inf loss or gradient, and the log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import logging
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from mm_plugin import device
+from mm_plugin.training import checkpointing
+from mm_plugin.training.arguments import parse_args, validate
+from mm_plugin.training.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many skipped iterations); the last good checkpoint is intact."""
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    iteration: int
+    consumed_samples: int
+    losses: list  # (iteration, loss) of every iteration this run trained, on every rank
+    skipped_iterations: int
+    model: torch.nn.Module  # the DDP-wrapped model, for callers that evaluate it in-process
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """Process group on the active device, megatron's TP/PP/DP groups, seeds."""
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python launch/pretrain.py`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        device.set_local_rank(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(
+            backend=device.distributed_backend(), timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    validate(args, torch.distributed.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    import random
+
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(model_provider: Callable, model_type, args: argparse.Namespace) -> DistributedDataParallel:
+    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
+    model.model_type = model_type
+    model = model.to(device.current())
+    if args.bf16 or args.fp16:
+        model = Float16Module(model.config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
+    config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32,
+        loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [model])
+    # Schedules in samples, as Megatron-LM: warmup/decay lengths times the global batch.
+    decay_iters = args.lr_decay_iters or args.train_iters
+    warmup_iters = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup_iters = int(args.lr_warmup_fraction * decay_iters)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup_iters * args.global_batch_size, lr_decay_steps=decay_iters * args.global_batch_size,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=decay_iters * args.global_batch_size, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _wire_schedule(model: DistributedDataParallel, optimizer, args) -> None:
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
+    if args.overlap_grad_reduce:
+        config.no_sync_func = model.no_sync
+
+
+# --- one iteration ---------------------------------------------------------------------------
+
+
+def _reduce_losses(losses: list[dict]) -> torch.Tensor:
+    """This iteration's loss (micro-batch mean, data-parallel mean) on every rank."""
+    value = torch.zeros(2, device=device.current())
+    if parallel_state.is_pipeline_last_stage() and losses:
+        value[0] = sum(float(entry["lm loss"]) for entry in losses) / len(losses)
+        value[1] = 1.0
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value[0] /= value[1]
+        value[1] = 1.0
+    # The last stage knows the loss; give it to the other stages.
+    torch.distributed.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    return value[0]
+
+
+def _gradients_finite(model: DistributedDataParallel) -> bool:
+    finite = all(bool(torch.isfinite(p.main_grad).all()) for p in model.parameters()
+                 if p.requires_grad and getattr(p, "main_grad", None) is not None)
+    flag = torch.tensor([1.0 if finite else 0.0], device=device.current())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args):
+    """Returns (loss, grad_norm or None, updated: bool)."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=data_iterator, model=[model],
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length, forward_only=False)
+    loss = _reduce_losses(losses)
+    # fp16's loss scaler finds overflows itself (and must see them, to back off); bf16/fp32 have no such check.
+    if not args.fp16 and not (math.isfinite(float(loss)) and _gradients_finite(model)):
+        return loss, None, False
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=args.global_batch_size)
+    return loss, grad_norm, bool(updated)
+
+
+def evaluate(forward_step_func, data_iterator, model, args) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step_func, data_iterator=data_iterator, model=[model],
+            num_microbatches=args.eval_batches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length, forward_only=True)
+    model.train()
+    return float(_reduce_losses(losses))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
+             process_non_loss_data_func=None, extra_args_provider=None, args_defaults=None, *,
+             args: Optional[argparse.Namespace] = None, stats=None, model_config=None) -> TrainingResult:
+    """Megatron-LM's ``pretrain`` contract. ``args`` (already parsed), ``stats`` (the providers'
+    BatchStats, for the log line) and ``model_config`` (saved with checkpoints) are optional extras."""
+    from mm_plugin.config.model import to_mindspeed_json
+
+    args = args or parse_args(None, extra_args_provider, args_defaults)
+    initialize(args)
+    model = build_model(model_provider, model_type, args)
+    optimizer, scheduler = build_optimizer(model, args)
+    _wire_schedule(model, optimizer, args)
+    unwrapped = model.module.module if isinstance(model.module, Float16Module) else model.module
+    config_json = to_mindspeed_json(model_config or unwrapped.llava_config)
+
+    iteration, consumed = 0, 0
+    if args.load and checkpointing.holds_checkpoint(args.load):
+        iteration, consumed = checkpointing.load_checkpoint(
+            args.load, unwrapped, optimizer, scheduler, load_optimizer=not args.no_load_optim,
+            load_rng=not args.no_load_rng, finetune=args.finetune)
+    elif args.load:
+        logger.warning("--load %s holds no checkpoint yet: starting from the part files", args.load)
+
+    provider_parameters = inspect.signature(train_valid_test_dataset_provider).parameters
+    samples = [args.train_iters * args.global_batch_size, args.eval_batches * args.global_batch_size, 0]
+    if "consumed_samples" in provider_parameters:
+        train_data, valid_data, _ = train_valid_test_dataset_provider(samples, consumed_samples=consumed)
+    else:
+        train_data, valid_data, _ = train_valid_test_dataset_provider(samples)
+
+    metrics = MetricsLogger(args, unwrapped.llava_config, stats)
+    result = TrainingResult(iteration, consumed, [], 0, model)
+    skipped_in_a_row = 0
+    model.train()
+    while iteration < args.train_iters:
+        loss, grad_norm, updated = train_step(forward_step_func, train_data, model, optimizer, scheduler, args)
+        iteration += 1
+        consumed += args.global_batch_size
+        result.losses.append((iteration, float(loss)))
+        if updated:
+            skipped_in_a_row = 0
+        else:
+            result.skipped_iterations += 1
+            skipped_in_a_row += 1
+            logger.warning("iteration %d: loss %s or a gradient is not finite: step skipped (%d in a row)",
+                           iteration, float(loss), skipped_in_a_row)
+            if skipped_in_a_row >= args.max_skipped_iterations:
+                last = checkpointing.latest_iteration(args.save) if args.save else None
+                raise TrainingStopped(
+                    f"{skipped_in_a_row} iterations in a row skipped for NaN/Inf (--max-skipped-iterations); "
+                    + (f"the last good checkpoint is {checkpointing.iteration_dir(args.save, last)}" if last
+                       else "no checkpoint was saved")
+                )
+        metrics.iteration_done(iteration, consumed, float(loss), grad_norm, optimizer.param_groups[0]["lr"],
+                               optimizer.get_loss_scale().item() if args.fp16 else None, result.skipped_iterations)
+        if valid_data is not None and args.eval_interval and iteration % args.eval_interval == 0:
+            metrics.validation(iteration, evaluate(forward_step_func, valid_data, model, args))
+        if args.save and args.save_interval and iteration % args.save_interval == 0 and updated:
+            _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            break
+    if args.save and (checkpointing.latest_iteration(args.save) or 0) < iteration:
+        _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
+    metrics.close()
+    result.iteration, result.consumed_samples = iteration, consumed
+    return result
+
+
+def _save(args, iteration, consumed, model, optimizer, scheduler, config_json) -> None:
+    directory = checkpointing.save_checkpoint(
+        args.save, iteration, model, optimizer, scheduler, consumed_samples=consumed, model_config=config_json,
+        trainable_only=not args.save_frozen, save_optimizer=not args.no_save_optim, save_rng=not args.no_save_rng)
+    logger.info("saved %s", directory)

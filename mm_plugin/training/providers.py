@@ -1,0 +1,162 @@
+"""The three functions of Megatron-LM's ``pretrain()`` contract, for LLaVA-1.5.
+
+    model_provider(pre_process, post_process)            -> LlavaModel (one pipeline stage)
+    forward_step(data_iterator, model)                   -> (output, partial(loss_func, loss_mask))
+    train_valid_test_datasets_provider(num_samples)      -> (train, valid, test) micro-batch iterators
+
+They take the run's settings as keyword arguments; :func:`bind` fixes those with ``functools.partial``
+so the results have exactly Megatron's signatures (no global ``get_args()``), and both Megatron-LM's
+stock ``pretrain`` and ours (``mm_plugin.training.loop.pretrain``) can call them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+from typing import Any, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from mm_plugin import device
+from mm_plugin.config.model import LlavaConfig
+from mm_plugin.models.llava import LlavaModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """What forward_step saw since the last log line (summed over data-parallel ranks by the loop)."""
+
+    samples: int = 0
+    positions: int = 0
+    images: int = 0
+    bad_counts: Optional[torch.Tensor] = None
+
+    def add(self, batch: dict, positions: int) -> None:
+        self.samples += batch["input_ids"].shape[0]
+        self.positions += positions
+        self.images += int(batch["image_counts"].sum())
+        counts = batch["bad_counts"].clone()
+        self.bad_counts = counts if self.bad_counts is None else self.bad_counts + counts
+
+    def reset(self) -> None:
+        self.samples = self.positions = self.images = 0
+        self.bad_counts = None
+
+
+def run_dtype(args: argparse.Namespace) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None, *,
+                   model_config: LlavaConfig, args: argparse.Namespace) -> LlavaModel:
+    """One pipeline stage of the model, in the run's dtype, with its part files loaded."""
+    from mm_plugin.models.loading import load_parts
+
+    if vp_stage is not None:
+        raise NotImplementedError("virtual pipeline stages are not supported")
+    dtype = run_dtype(args)
+    for part_name, part in (("vision_encoder", model_config.vision), ("vision_projector", model_config.projector),
+                            ("text_decoder", model_config.language)):
+        if part.params_dtype != dtype:
+            logger.info("%s: params_dtype %s in %s; this run computes in %s (--bf16/--fp16 decide)",
+                        part_name, part.params_dtype, model_config.source, dtype)
+        part.params_dtype = dtype
+    extra = {}
+    if args.recompute_granularity:
+        extra.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                     recompute_num_layers=args.recompute_num_layers)
+    model = LlavaModel(model_config, pre_process=pre_process, post_process=post_process, extra=extra)
+    load_parts(model, model_config)
+    return model
+
+
+def expanded_length(batch: dict, tokens_per_image: int) -> int:
+    """Decoder positions of the batch's longest sample once its images are expanded."""
+    is_image = batch["input_ids"] == -200
+    return int((is_image.sum(dim=1) * (tokens_per_image - 1) + batch["input_ids"].shape[1]).max())
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Mean loss over the micro-batch's trained tokens (as original LLaVA: each micro-batch's mean;
+    megatron's schedule averages micro-batches, DDP averages data-parallel ranks)."""
+    trained = loss_mask.sum()
+    loss = (output_tensor.float() * loss_mask).sum() / trained.clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone(), "trained tokens": trained.detach().clone()}
+
+
+def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[int], pad_token_id: int,
+                 stats: BatchStats):
+    """Megatron's forward_step: read one micro-batch, run this stage; the loss function gets the mask."""
+    batch = next(data_iterator)
+    unwrapped = _unwrap(model)
+    positions = seq_length or expanded_length(batch, unwrapped.tokens_per_image)
+    stats.add(batch, positions * batch["input_ids"].shape[0])
+    target = device.current()
+    output, loss_mask = model(
+        batch["input_ids"].to(target, non_blocking=True),
+        batch["labels"].to(target, non_blocking=True),
+        batch["images"].to(target, non_blocking=True),
+        batch["image_counts"].to(target),
+        seq_length=seq_length, pad_token_id=pad_token_id, sample_ids=batch["sample_ids"],
+    )
+    return output, functools.partial(loss_func, loss_mask)
+
+
+def _unwrap(model) -> LlavaModel:
+    while not isinstance(model, LlavaModel):
+        model = model.module
+    return model
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, model_config: LlavaConfig,
+                                       args: argparse.Namespace, consumed_samples: int = 0):
+    """Endless (train, valid, None) iterators of collated micro-batches for this data-parallel rank."""
+    from mm_plugin.data.loader import build_data_iterators
+    from mm_plugin.data.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(data_config.tokenizer_path)
+    vision = model_config.vision
+    train, valid = build_data_iterators(
+        data_config, tokenizer,
+        micro_batch_size=args.micro_batch_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        consumed_samples=consumed_samples, seed=args.seed, num_workers=args.num_workers,
+        image_size=vision.image_size, patch_size=vision.patch_size,
+        model_max_length=args.seq_length, image_tokens=vision.num_image_tokens,
+    )
+    return train, valid, None
+
+
+@dataclasses.dataclass
+class Providers:
+    model_provider: Any
+    forward_step: Any
+    datasets_provider: Any
+    stats: BatchStats
+    pad_token_id: int
+
+
+def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Providers:
+    """The three functions with Megatron's signatures, this run's settings fixed by ``partial``."""
+    from mm_plugin.data.tokenization import load_tokenizer
+
+    pad_token_id = data_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = load_tokenizer(data_config.tokenizer_path).pad_token_id
+    stats = BatchStats()
+    fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
+    return Providers(
+        model_provider=functools.partial(model_provider, model_config=model_config, args=args),
+        forward_step=functools.partial(forward_step, seq_length=fixed_length, pad_token_id=pad_token_id,
+                                       stats=stats),
+        datasets_provider=functools.partial(train_valid_test_datasets_provider, data_config=data_config,
+                                            model_config=model_config, args=args),
+        stats=stats,
+        pad_token_id=pad_token_id,
+    )
