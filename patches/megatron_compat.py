@@ -1,17 +1,22 @@
 """megatron-core 0.12.x next to a current torch and without TransformerEngine.
 
-Two defects of the 0.12 line that MindSpeed users (who must stay on 0.12) hit on every machine:
+Defects of megatron-core that MindSpeed users (who must stay on 0.12) and this package's loop hit:
 
 * its checkpoint writer calls torch's ``_write_item`` without the ``serialization_format`` argument
   that torch >= 2.7 requires, so every ``dist_checkpointing.save`` fails in the writer process;
 * its distributed optimizer calls the FP8 ``quantize_param_shard`` on every step, and without
-  TransformerEngine that function raises even when there is no FP8 parameter at all.
+  TransformerEngine that function raises even when there is no FP8 parameter at all;
+* (0.12 and 0.16) ``parallel_state.destroy_model_parallel`` keeps the old layout's global-rank lists
+  (``_EMBEDDING_GLOBAL_RANKS``, ``_POSITION_EMBEDDING_GLOBAL_RANKS``...), which ``initialize`` sets only
+  on member ranks; a process that trains again with another TP/PP layout then takes part in
+  collectives of groups it no longer belongs to and hangs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import sys
 
 from .registry import Patch, wrapping
 
@@ -46,6 +51,14 @@ def _skip_when_no_fp8_params(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
+def _also_forget_global_ranks(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    module = sys.modules[wrapped.__module__]
+    for name in [name for name in vars(module) if name.startswith("_") and name.endswith("_GLOBAL_RANKS")]:
+        setattr(module, name, None)
+    return result
+
+
 PATCHES = [
     Patch(
         name="compat.checkpoint_write_item",
@@ -62,5 +75,12 @@ PATCHES = [
         reason="megatron-core 0.12's distributed optimizer raises without TransformerEngine even with no FP8 parameter",
         versions=MEGATRON_012,
         guard=_without_transformer_engine,
+    ),
+    Patch(
+        name="compat.destroy_model_parallel",
+        target="megatron.core.parallel_state:destroy_model_parallel",
+        replace=wrapping(_also_forget_global_ranks),
+        reason="destroy_model_parallel keeps the old layout's global-rank lists; re-initialising then hangs",
+        versions={"megatron-core": ">=0.12,<0.17"},
     ),
 ]

@@ -10,6 +10,7 @@ decoder and, on the last stage, returns the per-token loss with its mask — or 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -25,10 +26,16 @@ from mm_plugin.models.transformer_configs import language_config, projector_conf
 from mm_plugin.models.vision import CLIPVisionTower
 
 
+VOCAB_PADDING_MULTIPLE = 128
+"""Embedding rows are padded to a multiple of this (Megatron-LM's ``make_vocab_size_divisible_by``) and of
+the tensor-parallel size. Any TP that divides 128 gives the same padded table, so checkpoints reshard
+across TP sizes; the extra rows are zeros and their logits are masked, so the math is that of the true
+vocabulary (32000 stays 32000; llava-1.5-7b-hf's 32064 becomes 32128)."""
+
+
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
-    """Rows the vocab-parallel embedding needs: a multiple of the tensor-parallel size. The extra rows
-    are zeros and their logits are masked, so the math is that of the true vocabulary."""
-    return -(-vocab_size // tensor_parallel_size) * tensor_parallel_size
+    multiple = math.lcm(VOCAB_PADDING_MULTIPLE, tensor_parallel_size)
+    return -(-vocab_size // multiple) * multiple
 
 
 class LlavaModel(MegatronModule):

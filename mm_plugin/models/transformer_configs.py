@@ -110,7 +110,7 @@ def projector_config(config: LlavaConfig, extra: dict) -> TransformerConfig:
                        projector.transformer_overrides, _without_pipeline_settings(extra))
     settings.update(
         num_layers=1,
-        num_attention_heads=1,
+        num_attention_heads=settings["tensor_model_parallel_size"],  # unused by an MLP; megatron checks divisibility
         hidden_size=config.language.hidden_size,
         ffn_hidden_size=projector.ffn_hidden_size or config.language.hidden_size,
         activation_func=F.gelu,  # exact erf, as Hugging Face's "gelu"

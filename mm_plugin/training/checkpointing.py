@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from mm_plugin import device
@@ -211,7 +212,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     if resume_optimizer:
         request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
     layout_matches = common["mm_plugin"]["layout"] == _layout()
-    saved_objects = {key.split(".")[0] for key in dist_checkpointing.load_sharded_metadata(str(directory))}
+    saved_objects = {key.split(".")[0] for key in load_sharded_metadata(str(directory))}
     restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
     if load_rng and not finetune and not layout_matches:
         logger.warning("%s was saved with parallel layout %s, this run is %s: RNG states are not restored",
@@ -250,4 +251,8 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError("read_model_tensors runs at tensor- and pipeline-parallel size 1")
     model = LlavaModel(config, extra={"perform_initialization": False})
     names = set(load_model_weights(directory, model))
-    return {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
+    tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
+    for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+        if name in tensors:  # drop the vocabulary padding rows, as in a part file
+            tensors[name] = tensors[name][: config.language.vocab_size]
+    return tensors

@@ -62,8 +62,13 @@ def initialize(args: argparse.Namespace) -> None:
         torch.distributed.init_process_group(
             backend=device.distributed_backend(), timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
     validate(args, torch.distributed.get_world_size())
+    wanted = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if parallel_state.model_parallel_is_initialized() and wanted != (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size()):
+        parallel_state.destroy_model_parallel()  # a process that trains again with another layout
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        parallel_state.initialize_model_parallel(*wanted)
     seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     import random
 

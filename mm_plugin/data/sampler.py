@@ -1,0 +1,97 @@
+"""Which samples each data-parallel rank reads, in which order: deterministic, resumable, optionally grouped by length.
+
+Every step consumes one global micro-batch of ``micro_batch_size * data_parallel_size`` samples from the
+epoch's order; rank ``r`` takes the ``r``-th slice of it (as Megatron's pretraining samplers do). The
+epoch's order is a pure function of ``(seed, epoch)``, so ``consumed_samples`` alone says where a
+restarted run continues: the same samples, in the same order, on the same ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .errors import DataError
+
+LENGTH_GROUP_STEPS = 16
+"""Length grouping sorts windows of this many global micro-batches by length."""
+
+
+class TrainingSampler:
+    """Batches of dataset positions for one data-parallel rank, forever (epoch after epoch)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        consumed_samples: int = 0,
+        seed: int = 1234,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        lengths: Optional[np.ndarray] = None,
+    ):
+        """``lengths`` (one per sample) turns on length grouping; ``consumed_samples`` counts all ranks."""
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
+        self.num_samples = num_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.global_batch = micro_batch_size * data_parallel_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if self.lengths is not None and len(self.lengths) != num_samples:
+            raise ValueError(f"{len(self.lengths)} lengths for {num_samples} samples")
+        if drop_last:
+            self.samples_per_epoch = num_samples // self.global_batch * self.global_batch
+        else:
+            self.samples_per_epoch = -(-num_samples // self.global_batch) * self.global_batch
+        if self.samples_per_epoch == 0:
+            raise DataError(
+                f"the data set has {num_samples} samples, fewer than one global micro-batch "
+                f"({micro_batch_size} x {data_parallel_size} ranks)"
+            )
+        if consumed_samples % self.global_batch:
+            raise DataError(f"consumed_samples={consumed_samples} is not a multiple of micro_batch_size x "
+                            f"data_parallel_size = {self.global_batch}")
+        self.consumed_samples = consumed_samples
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All positions of one epoch in the order every rank steps through them together."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        # drop_last cuts the tail; otherwise the last global batch is filled from the epoch's start.
+        order = np.resize(order, self.samples_per_epoch)
+        if self.lengths is not None:
+            order = self._group_by_length(order, np.random.default_rng([self.seed, epoch, 1]))
+        return order
+
+    def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sort windows of ``LENGTH_GROUP_STEPS`` steps by length, keep each step's samples together, shuffle steps.
+
+        A step's micro-batches then hold samples of similar length (little padding, and ranks of one step
+        do similar work), while the order of steps stays random.
+        """
+        window = self.global_batch * LENGTH_GROUP_STEPS
+        grouped = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            steps = chunk.reshape(-1, self.global_batch)
+            grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+        return np.concatenate(grouped)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.consumed_samples, self.samples_per_epoch)
+        first = self.rank * self.micro_batch_size
+        while True:
+            order = self.epoch_order(epoch)
+            for start in range(offset, self.samples_per_epoch, self.global_batch):
+                yield order[start + first:start + first + self.micro_batch_size].tolist()
+            epoch, offset = epoch + 1, 0

@@ -1,0 +1,160 @@
+"""Dataset, collate and iterators: bad records replaced and counted, shapes fixed, exact resume."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from data_fixtures import DIRTY_REASONS, dirty_dataset, synthetic
+
+from mm_plugin.data import (
+    BAD_REASONS,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    TooManyBadSamples,
+    bad_counts_by_reason,
+    build_data_iterators,
+    build_datasets,
+    load_data_config,
+    load_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def dirty():
+    config = load_data_config(dirty_dataset() / "data.json")
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    dataset, _ = build_datasets(config, tokenizer, image_tokens=16, model_max_length=64)
+    return config, tokenizer, dataset
+
+
+def test_every_bad_record_is_replaced_by_the_next_valid_one(dirty):
+    _, _, dataset = dirty
+    ids = [dataset.index.record(i).get("id") if isinstance(dataset.index.record(i), dict) else None
+           for i in range(len(dataset))]
+    for position, rid in enumerate(ids):
+        sample = dataset[position]
+        if rid in DIRTY_REASONS:
+            assert [reason for reason, _ in sample["bad"]] == [DIRTY_REASONS[rid]], rid
+            assert rid in sample["bad"][0][1] and "dirty.json" in sample["bad"][0][1]
+            assert sample["id"] == ids[(position + 1) % len(ids)]  # the next record (valid), wrapping around
+        else:
+            assert sample["bad"] == [] and sample["id"] == rid
+            assert sample["images"].shape == (1, 3, 56, 56)
+            assert sample["input_ids"].tolist().count(IMAGE_TOKEN_INDEX) == 1
+
+
+def _all_batches(config, tokenizer, workers):
+    train, _ = build_data_iterators(config, tokenizer, micro_batch_size=3, data_parallel_rank=0,
+                                    data_parallel_size=1, consumed_samples=0, seed=0, num_workers=workers,
+                                    image_size=56, patch_size=14, model_max_length=64)
+    return list(itertools.islice(train, 8))  # one epoch: 24 records
+
+
+def test_counts_travel_with_batches_and_sum_over_workers(dirty):
+    config, tokenizer, _ = dirty
+    single, pooled = _all_batches(config, tokenizer, 0), _all_batches(config, tokenizer, 2)
+    for one, other in zip(single, pooled):
+        assert one["sample_ids"] == other["sample_ids"]
+        assert torch.equal(one["bad_counts"], other["bad_counts"])
+        assert torch.equal(one["input_ids"], other["input_ids"]) and torch.equal(one["images"], other["images"])
+    total = sum(batch["bad_counts"] for batch in pooled)
+    expected = {}
+    for reason in DIRTY_REASONS.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert bad_counts_by_reason(total) == expected
+    for batch in pooled:  # the shape never changes
+        assert batch["input_ids"].shape[0] == 3 and batch["labels"].shape == batch["input_ids"].shape
+        assert batch["images"].shape == (3, 3, 56, 56) and batch["image_counts"].tolist() == [1, 1, 1]
+        assert batch["bad_counts"].shape == (len(BAD_REASONS),)
+
+
+def test_collated_batch_contract():
+    folder = synthetic("instruct", 24)
+    config = load_data_config(folder / "data.json")
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    train, _ = build_data_iterators(config, tokenizer, micro_batch_size=6, data_parallel_rank=0,
+                                    data_parallel_size=1, consumed_samples=0, seed=0, num_workers=0,
+                                    image_size=56, patch_size=14)
+    for batch in itertools.islice(train, 4):
+        ids, labels, counts = batch["input_ids"], batch["labels"], batch["image_counts"]
+        assert ids.dtype == labels.dtype == counts.dtype == torch.long
+        assert batch["images"].shape == (int(counts.sum()), 3, 56, 56) and batch["images"].dtype == torch.float32
+        assert ((ids == IMAGE_TOKEN_INDEX).sum(1) == counts).all()
+        for row in range(ids.shape[0]):
+            length = int((labels[row] != IGNORE_INDEX).nonzero().max()) + 1
+            assert (ids[row, length:] == tokenizer.pad_token_id).all() and (labels[row, length:] == IGNORE_INDEX).all()
+            trained = labels[row] != IGNORE_INDEX
+            assert torch.equal(labels[row][trained], ids[row][trained])
+            assert ids[row, 0] == tokenizer.bos_token_id
+        assert len(batch["sample_ids"]) == 6
+
+
+def test_resume_reproduces_the_same_batches_with_replacements(dirty):
+    config, tokenizer, _ = dirty
+
+    def run(consumed, count):
+        train, _ = build_data_iterators(config, tokenizer, micro_batch_size=2, data_parallel_rank=1,
+                                        data_parallel_size=2, consumed_samples=consumed, seed=7, num_workers=0,
+                                        image_size=56, patch_size=14, model_max_length=64)
+        return [(batch["sample_ids"], batch["bad_counts"].tolist()) for batch in itertools.islice(train, count)]
+
+    full = run(0, 14)  # crosses into the second epoch
+    assert run(4 * 8, 6) == full[8:]
+    assert any(sum(counts) for _, counts in full)
+
+
+def test_bad_fraction_limit_stops_with_a_clear_message(dirty):
+    config, tokenizer, _ = dirty
+    config = load_data_config(dirty_dataset() / "data.json")
+    config.max_bad_fraction = 0.1
+    train, _ = build_data_iterators(config, tokenizer, micro_batch_size=4, data_parallel_rank=0,
+                                    data_parallel_size=1, consumed_samples=0, seed=0, num_workers=0,
+                                    image_size=56, patch_size=14, model_max_length=64)
+    with pytest.raises(TooManyBadSamples) as caught:
+        list(itertools.islice(train, 100))
+    message = str(caught.value)
+    assert "max_bad_fraction=10.00%" in message and "missing_image" in message and "mm-data check" in message
+
+
+def test_validation_split_is_held_out_and_fixed():
+    folder = synthetic("pretrain", 64)
+    config = load_data_config(folder / "data.json")
+    config.valid_fraction = 0.25
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    train, valid = build_datasets(config, tokenizer, image_tokens=16, model_max_length=128)
+    assert len(valid) == 16 and len(train) == 48
+    assert not set(train.positions.tolist()) & set(valid.positions.tolist())
+    again, held = build_datasets(config, tokenizer, image_tokens=16, model_max_length=128)
+    assert held.positions.tolist() == valid.positions.tolist()
+
+
+def test_image_size_must_match_the_data_config():
+    folder = synthetic("pretrain", 64)
+    config = load_data_config(folder / "data.json")
+    from mm_plugin.data import DataError
+
+    with pytest.raises(DataError, match="crops images to 56x56"):
+        build_data_iterators(config, None, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,
+                             consumed_samples=0, seed=0, num_workers=0, image_size=336, patch_size=14)
+
+
+def test_workers_do_not_import_megatron():
+    folder = synthetic("pretrain", 64)
+    code = f"""
+import itertools, sys
+import torch
+from mm_plugin.data import build_data_iterators, load_data_config, load_tokenizer
+config = load_data_config({str(folder / 'data.json')!r})
+train, _ = build_data_iterators(config, load_tokenizer(config.tokenizer_path), micro_batch_size=2,
+    data_parallel_rank=0, data_parallel_size=1, consumed_samples=0, seed=0, num_workers=1,
+    image_size=56, patch_size=14)
+next(train)
+print(sorted(m for m in sys.modules if m.startswith("megatron")))
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,177 @@
+"""The training loop is right, not just running: exact resume, parallel equivalence, stage 2, NaN handling,
+freezing, and clear errors before any compute."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_fixtures import NaNFrom, argv, build_setup, model_json, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = build_setup(tmp_path_factory.mktemp("training"))
+    model_json(root, "stage1.json", train_language=False)
+    model_json(root, "stage2.json", train_language=True)
+    return root
+
+
+def close(a, b, rtol=2e-5):
+    return torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                          rtol=rtol, atol=0)
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(megatron_single, setup, tmp_path):
+    straight, _, _ = train(argv(setup, iterations=20))
+    # Stopped after 10 of 20 iterations (--exit-interval), so the LR schedule is the 20-iteration one.
+    first, _, _ = train(argv(setup, iterations=20, extra=("--save", str(tmp_path / "ckpt"), "--exit-interval", "10")))
+    # Resume with another DataLoader worker count: the sample order must not depend on it.
+    rest, _, _ = train(argv(setup, iterations=20, extra=("--load", str(tmp_path / "ckpt"), "--num-workers", "1")))
+    assert len(straight) == 20 and len(first) == 10 and len(rest) == 10
+    assert first + rest == straight  # bit for bit
+
+
+def test_a_checkpoint_of_another_shape_is_named(megatron_single, setup, tmp_path):
+    from mm_plugin.training.checkpointing import CheckpointError
+
+    train(argv(setup, iterations=2, extra=("--save", str(tmp_path / "ckpt"))))
+    other = json.loads((setup / "stage1.json").read_text())
+    other["image_encoder"]["vision_projector"]["ffn_hidden_size"] = 32
+    other["image_encoder"]["vision_projector"]["ckpt_path"] = None
+    (setup / "narrow.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match=r"vision_projection.encoder.linear_fc1.weight.*\(64, 64\).*\(32, 64\)"):
+        train(argv(setup, model="narrow.json", iterations=4, extra=("--load", str(tmp_path / "ckpt"))))
+
+
+# --- parallel equivalence ----------------------------------------------------------------------
+
+def _losses_on_both_ranks(pool, arguments):
+    results = pool.run(train, arguments)
+    assert results[0][0] == results[1][0], "every rank must know the iteration's loss"
+    return results[0]
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("layout", [
+    ("--tensor-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2"),
+    (),  # data-parallel 2: the same global batch split over two ranks
+])
+def test_parallel_layouts_reproduce_a_single_process(megatron_single, pool, setup, layout):
+    single, _, _ = train(argv(setup, model="stage2.json", iterations=5))
+    parallel, _, _ = _losses_on_both_ranks(pool, argv(setup, model="stage2.json", iterations=5, extra=layout))
+    assert close(parallel, single), (parallel, single)
+
+
+def test_a_tensor_parallel_checkpoint_resumes_at_tp1(megatron_single, pool, setup, tmp_path):
+    saved = str(tmp_path / "tp2")
+    tp2, _, _ = _losses_on_both_ranks(pool, argv(setup, model="stage2.json", iterations=5, extra=(
+        "--tensor-model-parallel-size", "2", "--save", saved, "--save-interval", "4")))
+    tp1, _, _ = train(argv(setup, model="stage2.json", iterations=5, extra=("--load", str(Path(saved) / "iter_0000004"))))
+    assert len(tp1) == 1 and close(tp1, tp2[4:])
+
+
+# --- stages and freezing -----------------------------------------------------------------------
+
+def test_stage1_changes_only_the_projector(megatron_single, setup):
+    from mm_plugin.safe_io import load_state
+
+    _, _, weights = train(argv(setup, iterations=3))
+    projector = load_state(setup / "weights" / "projector.pt")
+    clip = load_state(setup / "weights" / "clip.pt")
+    llm = load_state(setup / "weights" / "llm.pt")
+    assert not torch.equal(weights["vision_projection.encoder.linear_fc1.weight"], projector["encoder.linear_fc1.weight"])
+    assert torch.equal(weights["vision_model.decoder.layers.0.mlp.linear_fc1.weight"],
+                       clip["decoder.layers.0.mlp.linear_fc1.weight"])
+    assert torch.equal(weights["language_model.decoder.layers.1.self_attention.linear_qkv.weight"],
+                       llm["decoder.layers.1.self_attention.linear_qkv.weight"])
+
+
+def test_stage2_continues_from_stage1_and_learns(megatron_single, setup, tmp_path):
+    from mm_plugin.safe_io import load_state
+
+    stage1 = str(tmp_path / "stage1")
+    train(argv(setup, iterations=4, extra=("--save", stage1)))
+    losses, _, weights = train(argv(setup, model="stage2.json", data="instruct", iterations=30, extra=(
+        "--load", stage1, "--finetune", "--save", str(tmp_path / "stage2"), "--lr", "3e-3")))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+    clip = load_state(setup / "weights" / "clip.pt")
+    for key, value in clip.items():
+        name = "vision_model." + key
+        if name in weights:
+            assert torch.equal(weights[name], value), name  # the frozen vision tower is untouched
+    llm = load_state(setup / "weights" / "llm.pt")
+    assert not torch.equal(weights["language_model.decoder.layers.0.mlp.linear_fc2.weight"],
+                           llm["decoder.layers.0.mlp.linear_fc2.weight"])
+
+
+# --- numerical faults --------------------------------------------------------------------------
+
+def test_a_nan_step_is_skipped_without_touching_weights(megatron_single, setup):
+    """A NaN loss in iteration 3 (micro-batch 5 of 2 per iteration): the step is skipped and counted,
+    and the weights after it are those after iteration 2."""
+    clean, _, weights_after_2 = train(argv(setup, iterations=2))
+    losses, skipped, weights = train(argv(setup, iterations=3, extra=("--max-skipped-iterations", "5")),
+                                     forward_step_wrapper=NaNFrom(first=5))
+    assert skipped == 1 and losses[:2] == clean and losses[2] != losses[2]
+    for name, value in weights_after_2.items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(megatron_single, setup, tmp_path):
+    from mm_plugin.training.checkpointing import latest_iteration, read_model_tensors
+    from mm_plugin.training.loop import TrainingStopped
+
+    save = tmp_path / "ckpt"
+    with pytest.raises(TrainingStopped, match="3 iterations in a row.*iter_0000002"):
+        train(argv(setup, iterations=10, extra=("--save", str(save), "--save-interval", "2",
+                                                "--max-skipped-iterations", "3")),
+              forward_step_wrapper=NaNFrom(first=5))
+    assert latest_iteration(save) == 2
+    tensors = read_model_tensors(save)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# --- bad input, before any compute ---------------------------------------------------------------
+
+def _cli(*arguments, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    return subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), *arguments], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_global_batch_not_divisible(setup):
+    result = _cli(*argv(setup, micro_batch=3, global_batch=4))
+    assert result.returncode == 2
+    assert "--global-batch-size 4 is not divisible by --micro-batch-size 3" in result.stderr
+
+
+def test_cli_missing_part_file_mentions_the_demo(setup, tmp_path):
+    raw = json.loads((setup / "stage1.json").read_text())
+    raw["text_decoder"]["ckpt_path"] = "/your_llava_weights_path/converted_vicuna.pt"
+    (setup / "placeholder.json").write_text(json.dumps(raw))
+    result = _cli(*argv(setup, model="placeholder.json"))
+    assert result.returncode == 2
+    assert "text_decoder.ckpt_path '/your_llava_weights_path/converted_vicuna.pt' does not exist" in result.stderr
+    assert "--demo" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mm_plot_writes_a_png(tmp_path):
+    from mm_plugin.training.plot import main
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"iteration": i, "loss": 3.0 / i}) for i in range(1, 6))
+        + "\n" + json.dumps({"iteration": 5, "valid_loss": 0.9}) + "\n")
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path / "missing")]) == 2
