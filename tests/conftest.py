@@ -32,3 +32,24 @@ def megatron_single():
                                              rank=0, world_size=1)
     parallel(1, 1)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` run once, as a user runs it; its output folder."""
+    import subprocess
+    from pathlib import Path
+
+    from process_pool import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    python = Path(sys.executable)
+    env = dict(os.environ, DEMO_DIR=str(out), PYTHON=str(python), MASTER_PORT=str(free_port()),
+               PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(["bash", "examples/llava1.5/pretrain_llava1_5.sh", "--demo"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / "demo.log").write_text(result.stdout)
+    return out

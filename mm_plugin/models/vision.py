@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -30,6 +31,10 @@ class CLIPVisionTower(MegatronModule):
         self.ln_pre = torch.nn.LayerNorm(width, eps=vision.layernorm_epsilon, **factory)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False,
                                         pre_process=True, post_process=False)
+        # megatron's own core attention gets an explicit all-False mask: under MindSpeed a None mask is
+        # replaced by its process-global (causal) one, which would make CLIP causal.
+        attention = layer_spec.submodules.self_attention.submodules.core_attention
+        self.explicit_no_mask = attention is DotProductAttention
         if config.perform_initialization:
             config.init_method(self.class_token)
             config.init_method(self.position_embeddings.weight)
@@ -42,6 +47,9 @@ class CLIPVisionTower(MegatronModule):
         patches = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.class_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         tokens = self.ln_pre(tokens + self.position_embeddings.weight)
-        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=None)  # [s, n, h]
+        mask = None
+        if self.explicit_no_mask:
+            mask = torch.zeros(1, 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=mask)  # [s, n, h]
         hidden = hidden.transpose(0, 1)
         return (hidden if self.keep_class_token else hidden[:, self.class_token_len:]).contiguous()

@@ -1,0 +1,38 @@
+"""The embedded default learns from the pictures (issue: a demo that learns)."""
+
+import json
+
+import torch
+
+
+def test_stage1_learns_from_the_images(megatron_single, demo_run):
+    from mm_plugin.training.demo_evaluation import demo_losses
+
+    losses = demo_losses(demo_run)
+    # At least 25% below what the language model alone achieves on the same captions...
+    assert losses["with_images"] <= 0.75 * losses["language_model_alone"], losses
+    # ...and it is the right image that helps: another sample's image is clearly worse.
+    assert losses["images_shuffled"] >= 1.5 * losses["with_images"], losses
+
+
+def test_the_printed_loss_falls_and_is_logged(demo_run):
+    records = [json.loads(line) for line in
+               (demo_run / "checkpoints" / "stage1" / "tensorboard" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0], losses
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 for r in records)
+    log = (demo_run / "demo.log").read_text()
+    assert "lm loss:" in log and "held-out caption loss" in log
+
+
+def test_stage1_saved_only_the_projector(megatron_single, demo_run):
+    from mm_plugin.safe_io import load_state
+    from mm_plugin.training.checkpointing import read_model_tensors
+
+    trained = read_model_tensors(demo_run / "checkpoints" / "stage1")
+    assert trained and all(name.startswith("vision_projection.") for name in trained)
+    # The language model the text-only run trained is what stage 1 was given (as a user's converted Vicuna).
+    lm_run = read_model_tensors(demo_run / "checkpoints" / "lm")
+    part = load_state(demo_run / "weights" / "converted_vicuna.pt")
+    for key, value in part.items():
+        assert torch.equal(lm_run["language_model." + key], value), key
