@@ -175,3 +175,28 @@ def test_mm_plot_writes_a_png(tmp_path):
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "missing")]) == 2
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+def test_activation_recompute_changes_no_number(megatron_single, setup):
+    plain, _, _ = train(argv(setup, model="stage2.json", iterations=3))
+    recomputed, _, _ = train(argv(setup, model="stage2.json", iterations=3, extra=(
+        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")))
+    assert recomputed == plain
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_half_precision_tracks_fp32(megatron_single, setup, precision):
+    fp32, _, _ = train(argv(setup, model="stage2.json", iterations=4))
+    half, skipped, weights = train(argv(setup, model="stage2.json", iterations=4, extra=(precision,)))
+    assert skipped == 0 and close(half, fp32, rtol=1e-3), (half, fp32)
+    assert weights["language_model.decoder.layers.0.mlp.linear_fc1.weight"].dtype == (
+        torch.bfloat16 if precision == "--bf16" else torch.float16)
+
+
+def test_distributed_optimizer_matches_a_single_process(megatron_single, pool, setup):
+    single, _, _ = train(argv(setup, model="stage2.json", iterations=4))
+    sharded, _, _ = _losses_on_both_ranks(pool, argv(setup, model="stage2.json", iterations=4,
+                                                     extra=("--use-distributed-optimizer",)))
+    assert close(sharded, single), (sharded, single)

@@ -95,7 +95,9 @@ def train(arguments: list[str], forward_step_wrapper=None):
         providers.forward_step)
     result = pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
                       forward_step, args=args, stats=providers.stats, model_config=model_config)
-    weights = {name: p.detach().clone() for name, p in result.model.module.named_parameters()}
+    from mm_plugin.parallel.placement import unwrap
+
+    weights = {name: p.detach().clone() for name, p in unwrap(result.model).named_parameters()}
     return [loss for _, loss in result.losses], result.skipped_iterations, weights
 
 

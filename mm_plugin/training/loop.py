@@ -29,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from mm_plugin import device
+from mm_plugin.parallel.placement import unwrap
 from mm_plugin.training import checkpointing
 from mm_plugin.training.arguments import parse_args, validate
 from mm_plugin.training.metrics import MetricsLogger
@@ -202,7 +203,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     model = build_model(model_provider, model_type, args)
     optimizer, scheduler = build_optimizer(model, args)
     _wire_schedule(model, optimizer, args)
-    unwrapped = model.module.module if isinstance(model.module, Float16Module) else model.module
+    unwrapped = unwrap(model)
     config_json = to_mindspeed_json(model_config or unwrapped.llava_config)
 
     iteration, consumed = 0, 0

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from mm_plugin import device
 from mm_plugin.config.model import LlavaConfig
 from mm_plugin.models.llava import LlavaModel
+from mm_plugin.parallel.placement import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[i
                  stats: BatchStats):
     """Megatron's forward_step: read one micro-batch, run this stage; the loss function gets the mask."""
     batch = next(data_iterator)
-    unwrapped = _unwrap(model)
+    unwrapped = unwrap(model)
     positions = seq_length or expanded_length(batch, unwrapped.tokens_per_image)
     stats.add(batch, positions * batch["input_ids"].shape[0])
     target = device.current()
@@ -105,12 +106,6 @@ def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[i
         seq_length=seq_length, pad_token_id=pad_token_id, sample_ids=batch["sample_ids"],
     )
     return output, functools.partial(loss_func, loss_mask)
-
-
-def _unwrap(model) -> LlavaModel:
-    while not isinstance(model, LlavaModel):
-        model = model.module
-    return model
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, model_config: LlavaConfig,
