@@ -175,6 +175,7 @@ def _source(function) -> str:
 _MODULES_WITH_CUDA_LOOKUPS = (
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.transformer.utils",

@@ -11,11 +11,12 @@ import torch
 IMAGE = -200
 HF_IMAGE_TOKEN = 5  # a real row of the tiny vocabularies below, as 32000 is in llava-1.5-7b-hf
 
-# Two shapes: odd head counts, grouped-query attention, several layers, vocab not a power of two.
+# Two shapes: odd head counts ("mha"), grouped-query attention that splits over TP=2 ("gqa"), several
+# layers, vocabularies not a power of two.
 SHAPES = {
-    "gqa": dict(vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+    "gqa": dict(vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                             image_size=42, patch_size=14),
-                text=dict(hidden_size=60, intermediate_size=136, num_hidden_layers=3, num_attention_heads=6,
+                text=dict(hidden_size=60, intermediate_size=136, num_hidden_layers=4, num_attention_heads=6,
                           num_key_value_heads=2, vocab_size=202, rms_norm_eps=1e-6, rope_theta=10000.0)),
     "mha": dict(vision=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=4, num_attention_heads=5,
                             image_size=28, patch_size=14),

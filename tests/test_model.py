@@ -260,3 +260,74 @@ def test_presets_validate():
         assert config.vision.num_layers_built >= 1
     assert load_model_config("llava-1.5-7b").vision.num_image_tokens == 576
     assert load_model_config("llava-1.5-13b").language.hidden_size == 5120
+
+
+# --- tensor and pipeline parallel against Hugging Face (2 processes) -------------------------------
+
+def _sharded_model(shape: str, tensor_parallel: int, pipeline_parallel: int):
+    from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
+
+    from mm_plugin.models.llava import LlavaModel
+    from process_pool import parallel
+
+    parallel(tensor_parallel, pipeline_parallel)
+    hf = tiny_hf_llava(shape)
+    config = our_config(hf)
+    model = LlavaModel(config, pre_process=parallel_state.is_pipeline_first_stage(),
+                       post_process=parallel_state.is_pipeline_last_stage()).eval()
+    model.model_type = ModelType.encoder_or_decoder
+    load_hf_weights(model, hf, config)
+    return model, config, mixed_batch(shape)
+
+
+def _tensor_parallel_logits_and_loss(shape: str):
+    """Each rank holds half of every layer; the vocabulary-parallel logits are gathered."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model, config, batch = _sharded_model(shape, 2, 1)
+    with torch.no_grad():
+        logits, _ = model(batch["input_ids"], None, batch["images"], batch["image_counts"])
+        loss, mask = model(batch["input_ids"], batch["labels"], batch["images"], batch["image_counts"])
+    logits = gather_from_tensor_model_parallel_region(logits)[..., : config.language.vocab_size]
+    return logits, mean_loss(loss, mask)
+
+
+def _pipeline_parallel_loss(shape: str):
+    """Two stages through megatron's pipeline schedule (fixed sequence length); the loss on the last."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model, _, batch = _sharded_model(shape, 1, 2)
+    seq_length = 96
+
+    def forward_step(data_iterator, module):
+        loss, mask = module(batch["input_ids"], batch["labels"], batch["images"], batch["image_counts"],
+                            seq_length=seq_length)
+        return loss, lambda output: (mean_loss(output, mask), {"loss": mean_loss(output, mask)})
+
+    with torch.no_grad():
+        losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                             model=[model], num_microbatches=1, seq_length=seq_length,
+                                             micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
+    return losses[0]["loss"] if parallel_state.is_pipeline_last_stage() else None
+
+
+@pytest.mark.compat
+def test_tensor_parallel_model_matches_hugging_face(pool):
+    (logits, loss), other = pool.run(_tensor_parallel_logits_and_loss, "gqa")
+    assert torch.equal(logits, other[0])
+    reference_logits, reference_loss = hf_reference(tiny_hf_llava("gqa"), mixed_batch("gqa"))
+    for row, reference in enumerate(reference_logits):
+        ours = logits[row, : reference.shape[0]]
+        assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max(), f"row {row}"
+    assert torch.allclose(loss, reference_loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("shape", ["gqa", "mha"])
+def test_pipeline_parallel_loss_matches_hugging_face(pool, shape):
+    first, last = pool.run(_pipeline_parallel_loss, shape)
+    assert first is None
+    _, reference_loss = hf_reference(tiny_hf_llava(shape), mixed_batch(shape))
+    assert torch.allclose(last, reference_loss, rtol=1e-6, atol=0)
