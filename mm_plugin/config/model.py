@@ -394,8 +394,13 @@ def to_mindspeed_json(config: LlavaConfig) -> dict:
 
 
 def from_hf_config(hf: Any, source: str = "Hugging Face config") -> LlavaConfig:
-    """Our config for a transformers ``LlavaConfig`` (object or ``config.json`` dict)."""
-    raw = hf if isinstance(hf, dict) else hf.to_dict()
+    """Our config for a transformers ``LlavaConfig``, or the dict of its ``config.json`` (published configs
+    omit fields at their defaults, so a dict goes through transformers' ``LlavaConfig`` first)."""
+    if isinstance(hf, dict):
+        from transformers import LlavaConfig as HFLlavaConfig
+
+        hf = HFLlavaConfig.from_dict(hf)
+    raw = hf.to_dict()
     vision, text = raw["vision_config"], raw["text_config"]
     if raw.get("vision_feature_select_strategy", "default") not in ("default", "full"):
         raise ModelConfigError(f"{source}: vision_feature_select_strategy {raw['vision_feature_select_strategy']!r}")

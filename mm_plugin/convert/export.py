@@ -13,7 +13,6 @@ import torch
 
 from mm_plugin.config.model import LlavaConfig, from_hf_config
 from mm_plugin.convert.errors import ConversionError
-from mm_plugin.convert.inputs import full_hf_config
 from mm_plugin.convert.pipeline import copy_file
 from mm_plugin.convert.plan import Planned, describe, plan_part
 from mm_plugin.convert.sources import Entry, TensorStore, in_memory, open_weight_file
@@ -205,7 +204,7 @@ class CarriedFiles:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise ConversionError(f"{path}: not readable JSON ({error})") from error
-        theirs = from_hf_config(full_hf_config(raw, "llava"), source=str(path))
+        theirs = from_hf_config(raw, source=str(path))
         for part in PARTS:
             ours, carried = model.dims(part), part_dims(theirs, part)
             if ours != carried:

@@ -44,7 +44,7 @@ def llava_source(directory: Path, vision: Optional[Path] = None) -> LlavaSource:
     if any(key.startswith("model.mm_projector.") for key in store.keys()):
         return _original_llava(directory, raw, store, vision, side, generation)
     model_type(config_path, raw, ("llava",), "a LLaVA model")
-    config = from_hf_config(full_hf_config(raw, "llava"), source=str(config_path))
+    config = from_hf_config(raw, source=str(config_path))
     parts = {}
     for part, view in _split_hf_llava(store).items():
         parts[part] = PartSource(part, view, "hf", part_dims(config, part), str(config_path),
