@@ -200,3 +200,38 @@ def test_distributed_optimizer_matches_a_single_process(megatron_single, pool, s
     sharded, _, _ = _losses_on_both_ranks(pool, argv(setup, model="stage2.json", iterations=4,
                                                      extra=("--use-distributed-optimizer",)))
     assert close(sharded, single), (sharded, single)
+
+
+# Every flag MindSpeed-MM's published pretrain_llava1_5.sh passes (its 2.3.0 and 1.0.RC3 versions), as
+# our own model.json would: the run must get past argument parsing to the first configuration check.
+PUBLISHED_FLAGS = [
+    "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--context-parallel-size", "1",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "96", "--tokenizer-type",
+    "NullTokenizer", "--position-embedding-type", "rope", "--no-masked-softmax-fusion", "--lr", "0.001",
+    "--train-iters", "10", "--lr-decay-style", "cosine", "--weight-decay", "0.0", "--lr-warmup-fraction", "0.03",
+    "--clip-grad", "0.0", "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--no-gradient-accumulation-fusion",
+    "--bf16", "--use-flash-attn", "--use-fused-rotary-pos-emb", "--no-load-optim", "--no-load-rng",
+    "--no-save-optim", "--no-save-rng", "--num-workers", "0", "--mm-tool", "tools.json", "--log-interval", "1",
+    "--save-interval", "5000", "--eval-interval", "5000", "--eval-iters", "5000", "--ckpt-format", "torch",
+    "--distributed-backend", "nccl", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+]
+
+
+def test_cli_accepts_every_published_mindspeed_flag(setup, tmp_path):
+    raw = json.loads((setup / "stage1.json").read_text())
+    raw["text_decoder"]["ckpt_path"] = "/missing/converted_vicuna.pt"
+    (setup / "missing_llm.json").write_text(json.dumps(raw))
+    vocab = (setup / "vocab.txt").read_text()
+    result = _cli(*PUBLISHED_FLAGS, "--vocab-size", vocab, "--max-position-embeddings", "128",
+                  "--mm-model", str(setup / "missing_llm.json"), "--mm-data", str(setup / "pretrain" / "data.json"),
+                  "--save", str(tmp_path / "save"))
+    assert result.returncode == 2 and "converted_vicuna.pt' does not exist" in result.stderr, result.stderr
+    for ignored in ("--use-flash-attn", "--tokenizer-type", "--ckpt-format", "--distributed-backend", "--mm-tool"):
+        assert f"{ignored}: accepted without effect here" in result.stderr
+
+
+def test_cli_architecture_flags_must_agree_with_model_json(setup):
+    result = _cli(*argv(setup), "--num-layers", "32")
+    assert result.returncode == 2
+    assert "--num-layers 32 but " in result.stderr and "text_decoder num_layers 2" in result.stderr

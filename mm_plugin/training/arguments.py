@@ -30,6 +30,14 @@ NO_EFFECT = {
 }
 
 
+# Megatron flags that restate model.json's text_decoder: (model.json field, how to read it from our config).
+ARCHITECTURE_FLAGS = {
+    "--num-layers": "num_layers", "--hidden-size": "hidden_size", "--num-attention-heads": "num_attention_heads",
+    "--max-position-embeddings": "max_sequence_length", "--vocab-size": "vocab_size",
+    "--attention-dropout": "attention_dropout", "--hidden-dropout": "hidden_dropout",
+}
+
+
 class ArgumentError(ValueError):
     """An argument combination that cannot run; raised before any compute."""
 
@@ -64,9 +72,13 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     batch.add_argument("--train-samples", type=int, default=None)
     batch.add_argument("--num-workers", type=int, default=2)
     batch.add_argument("--seed", type=int, default=1234)
-    batch.add_argument("--vocab-size", type=int, default=None, help="checked against model.json")
     batch.add_argument("--position-embedding-type", default="rope", choices=["rope"])
     batch.add_argument("--tokenizer-type", default=None)
+
+    architecture = parser.add_argument_group(
+        "architecture (model.json defines it; these older MindSpeed-MM script flags must agree with it)")
+    for flag in ARCHITECTURE_FLAGS:
+        architecture.add_argument(flag, type=float if "dropout" in flag else int, default=None)
 
     optim = parser.add_argument_group("optimizer and schedule")
     optim.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])

@@ -37,15 +37,22 @@ def check_inputs(args: argparse.Namespace, model_config, data_config) -> None:
     from mm_plugin.config.model import ModelConfigError
     from mm_plugin.data.errors import DataError
     from mm_plugin.models.loading import check_part_paths
+    from mm_plugin.training.arguments import ARCHITECTURE_FLAGS
 
     check_part_paths(model_config, hint=DEMO_HINT)
     for what, path in (("data_path", data_config.data_path), ("data_folder", data_config.data_folder),
                        ("tokenizer_config.from_pretrained", data_config.tokenizer_path)):
         if not path or not Path(path).exists():
             raise DataError(f"{args.mm_data}: {what} {path!r} does not exist{DEMO_HINT}")
-    if args.vocab_size is not None and args.vocab_size != model_config.language.vocab_size:
-        raise ModelConfigError(f"--vocab-size {args.vocab_size} but {args.mm_model} says language_vocab_size "
-                               f"{model_config.language.vocab_size}")
+    language = model_config.language
+    for flag, field in ARCHITECTURE_FLAGS.items():
+        given = getattr(args, flag[2:].replace("-", "_"))
+        defined = getattr(language, field, None)
+        if defined is None:  # dropouts live among the TransformerConfig fields (default 0)
+            defined = language.transformer_overrides.get(field, 0.0)
+        if given is not None and given != defined:
+            raise ModelConfigError(f"{flag} {given:g} but {args.mm_model} gives text_decoder {field} {defined:g}; "
+                                   "model.json defines the model: drop the flag or make them agree")
     if args.seq_length > model_config.language.max_sequence_length:
         raise ModelConfigError(f"--seq-length {args.seq_length} exceeds {args.mm_model}'s "
                                f"max_sequence_length {model_config.language.max_sequence_length}")
