@@ -235,3 +235,20 @@ def test_cli_architecture_flags_must_agree_with_model_json(setup):
     result = _cli(*argv(setup), "--num-layers", "32")
     assert result.returncode == 2
     assert "--num-layers 32 but " in result.stderr and "text_decoder num_layers 2" in result.stderr
+
+
+def test_replaced_records_are_counted_in_the_log(megatron_single, setup, tmp_path):
+    import shutil
+
+    dirty = tmp_path / "dirty"
+    shutil.copytree(setup / "pretrain", dirty)
+    records = json.loads((dirty / "pretrain.json").read_text())
+    for record in records[::3]:  # a third of the images are gone
+        (dirty / "images" / record["image"]).unlink()
+    log = tmp_path / "tb"
+    train(argv(setup, iterations=3, extra=("--mm-data", str(dirty / "data.json"), "--log-interval", "1",
+                                            "--tensorboard-dir", str(log))))
+    lines = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+    replaced = [line["bad_samples"] for line in lines]
+    assert len(lines) == 3 and all(set(counts) <= {"missing_image"} for counts in replaced)
+    assert sum(counts.get("missing_image", 0) for counts in replaced) > 0
