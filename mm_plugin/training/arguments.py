@@ -147,11 +147,13 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider: Optional[Callable] = None,
-               defaults: Optional[dict] = None) -> argparse.Namespace:
+               defaults: Optional[dict] = None, allow_unknown: bool = False) -> argparse.Namespace:
+    """``allow_unknown``: leave flags this parser does not know to another one (Megatron-LM's own parser
+    reads the whole command line when its stock pretrain() runs)."""
     parser = build_parser(extra_args_provider)
     if defaults:
         parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = parser.parse_known_args(argv)[0] if allow_unknown else parser.parse_args(argv)
     for name, reason in NO_EFFECT.items():
         if getattr(args, name, None) not in (None, False):
             logger.info("--%s: accepted without effect here: %s", name.replace("_", "-"), reason)

@@ -65,14 +65,15 @@ def run(argv: Optional[Sequence[str]] = None):
     from mm_plugin.training.arguments import parse_args
     from mm_plugin.training.providers import bind
 
-    args = parse_args(argv)
+    megatron_lm = importlib.util.find_spec("megatron.training") is not None
+    args = parse_args(argv, allow_unknown=megatron_lm)
     model_config = load_model_config(args.mm_model)
     data_config = load_data_config(args.mm_data)
     check_inputs(args, model_config, data_config)
     providers = bind(args, model_config, data_config)
     from megatron.core.enums import ModelType
 
-    if importlib.util.find_spec("megatron.training") is not None:
+    if megatron_lm:
         return _run_megatron_lm(args, model_config, providers, ModelType.encoder_or_decoder)
     from mm_plugin.training.loop import pretrain
 
