@@ -30,7 +30,9 @@ def _inject_image_features(wrapped, instance, args, kwargs):
             f"{positions} image positions in the sequence but {features.shape[0]} image feature vectors"
         )
     merged = embeddings.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(embeddings.dtype))
-    return merged.transpose(0, 1).contiguous()
+    # .view gives [s, b, h] true row-major strides: for b == 1 a transposed tensor counts as contiguous,
+    # and its odd strides make the first linear several times slower.
+    return merged.transpose(0, 1).contiguous().view(embeddings.shape)
 
 
 PATCHES = [

@@ -29,13 +29,11 @@ _VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 def read_trained(checkpoint_dir: Path) -> Mapping[str, torch.Tensor]:
     """Full (TP=1) tensors, by our full-model names, of a training checkpoint directory (what it saved:
     a stage-1 checkpoint holds only the projector)."""
-    try:
-        from mm_plugin.inference.runtime import initialize
-        from mm_plugin.training.checkpointing import CheckpointError, read_model_tensors
-    except ImportError as error:
-        raise ConversionError(f"{checkpoint_dir}: reading training checkpoints needs mm_plugin's training "
-                              f"component, which this installation lacks ({error})") from error
-    initialize(tensor_parallel_size=1)  # the checkpoint is read into a model built at TP=PP=1, in this process
+    from mm_plugin.parallel.world import join_world, set_model_parallel
+    from mm_plugin.training.checkpointing import CheckpointError, read_model_tensors
+
+    join_world()
+    set_model_parallel(1, 1)  # the checkpoint is read into a model built at TP=PP=1, in this process
     try:
         return read_model_tensors(checkpoint_dir)
     except CheckpointError as error:  # its message names the directory

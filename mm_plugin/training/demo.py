@@ -104,24 +104,14 @@ def prepare(out: Path) -> None:
           f"model_lm.json, model.json (vocabulary {vocab})")
 
 
-def _single_process_world() -> None:
-    from megatron.core import parallel_state
-
-    from mm_plugin.training.loop import _free_port
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                             world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-
-
 def export_language_model(checkpoint: Path, output: Path) -> None:
     """The trained decoder of a training checkpoint as a TP=1 part file (what `mm-convert llm` writes)."""
+    from mm_plugin.parallel.world import join_world, set_model_parallel
     from mm_plugin.safe_io import save_state
     from mm_plugin.training.checkpointing import read_model_tensors
 
-    _single_process_world()
+    join_world()
+    set_model_parallel(1, 1)
     tensors = read_model_tensors(checkpoint)
     prefix = "language_model."
     part = {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}

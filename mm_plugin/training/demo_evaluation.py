@@ -73,10 +73,11 @@ def _without_images(batch):
 
 def demo_losses(out: str | Path) -> dict[str, float]:
     """The three held-out caption losses (needs a torch.distributed world of one; see demo.py)."""
-    from mm_plugin.training.demo import _single_process_world
+    from mm_plugin.parallel.world import join_world, set_model_parallel
 
     out = Path(out)
-    _single_process_world()
+    join_world()
+    set_model_parallel(1, 1)
     model = _model(out)
     batches, pad = _held_out(out, model)
     return {name: _mean_loss(model, batches, pad, transform) for name, transform in

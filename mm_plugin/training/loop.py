@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import inspect
 import logging
 import math
@@ -21,7 +20,7 @@ import time
 from typing import Callable, Optional
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -30,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 
 from mm_plugin import device
 from mm_plugin.parallel.placement import unwrap
+from mm_plugin.parallel.world import join_world, set_model_parallel
 from mm_plugin.training import checkpointing
 from mm_plugin.training.arguments import parse_args, validate
 from mm_plugin.training.metrics import MetricsLogger
@@ -55,38 +55,8 @@ class TrainingResult:
 
 def initialize(args: argparse.Namespace) -> None:
     """Process group on the active device, megatron's TP/PP/DP groups, seeds."""
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python launch/pretrain.py`: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-        device.set_local_rank(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(
-            backend=device.distributed_backend(), timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
-    validate(args, torch.distributed.get_world_size())
-    wanted = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    if parallel_state.model_parallel_is_initialized() and wanted != (
-            parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_pipeline_model_parallel_world_size()):
-        parallel_state.destroy_model_parallel()  # a process that trains again with another layout
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(*wanted)
-    seed = args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    import random
-
-    import numpy
-
-    random.seed(seed)
-    numpy.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    validate(args, join_world(args.distributed_timeout_minutes))
+    set_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
 
 
 def build_model(model_provider: Callable, model_type, args: argparse.Namespace) -> DistributedDataParallel:

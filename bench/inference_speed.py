@@ -1,0 +1,237 @@
+"""Inference speed of mm_plugin against Hugging Face ``generate``, same weights, same process, same inputs.
+
+    PYTHONPATH=. python bench/inference_speed.py --shape cpu-small --batch 1 8            # CPU
+    PYTHONPATH=. python bench/inference_speed.py --shape 7b --device cuda --dtype bf16    # the lent GPU
+
+A random Hugging Face LLaVA of the chosen shape is built, converted to our layout in memory and loaded
+into our model. Each request is one 336 px image (576 image tokens) and a question of ``--text-tokens``
+tokens, all of the same length. Measured, interleaving the two implementations, each ``--repeats`` times:
+
+* time to first token: ``max_new_tokens=1`` (vision tower, projector, the whole prompt, one token);
+* decode speed: ``batch * (N - 1) / (t(N) - t(1))`` tokens/s for ``N = --new-tokens`` (end-of-sequence
+  disabled, so every run generates exactly N tokens).
+
+Both are greedy; the report says whether they chose the same tokens. Medians are reported (and minima in
+the JSON), with the machine and its load before and after.
+
+``--clock thread`` measures the CPU time of the calling thread with one torch thread (``--threads`` is
+ignored): on a machine shared with other work, wall-clock times swing with the load, while the CPU
+time a computation takes barely does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    # ~60M parameters: a tiny CLIP at LLaVA's 336 px (576 patches) and a small LLaMA with Vicuna's vocabulary.
+    "cpu-small": dict(
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8)),
+    # LLaVA-1.5-7B: CLIP ViT-L/14-336 and Vicuna-7B.
+    "7b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32)),
+}
+IMAGE_TOKEN = 32000
+
+
+def build_hf(shape: str, dtype: torch.dtype, device: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = SHAPES[shape]
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**spec["vision"], image_size=336, patch_size=14),
+        text_config=LlamaConfig(**spec["text"], vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=576)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.eos_token_id = None  # every run generates exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def build_ours(hf, dtype_name: str):
+    from mm_plugin.config.model import from_hf_config
+    from mm_plugin.inference.runtime import initialize
+    from mm_plugin.models.hf_keys import OUR_PREFIXES, llava_hf_to_ours
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.models.loading import select_built_vision_layers
+    from mm_plugin.parallel import load_full_state_dict
+
+    initialize(1)
+    config = from_hf_config(hf.config)
+    config.attention_backend = "sdpa"
+    for part in (config.vision, config.projector, config.language):
+        part.params_dtype = dtype_name
+    model = LlavaModel(config, extra={"perform_initialization": False})
+    state = llava_hf_to_ours(hf.state_dict(), config)
+    prefix = OUR_PREFIXES["vision"]
+    vision = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in select_built_vision_layers(vision, config, "benchmark").items()})
+    load_full_state_dict(model, state, vocab_size=config.language.vocab_size)
+    del state
+    return model.eval()
+
+
+def inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(batch):
+        words = torch.randint(3, 31999, (text_tokens,), generator=generator).tolist()
+        rows.append([1] + words[:8] + [-200] + words[8:])  # "USER: <image>\n{question} ASSISTANT:" shape
+    pixels = torch.randn(batch, 3, 336, 336, generator=generator).to(device, dtype)
+    return rows, pixels
+
+
+class Runner:
+    def __init__(self, hf, ours, rows, pixels):
+        from mm_plugin.inference.generate import Request
+
+        self.hf, self.ours = hf, ours
+        device = pixels.device
+        self.hf_ids = torch.tensor([sum(([IMAGE_TOKEN] * 576 if t == -200 else [t] for t in row), [])
+                                    for row in rows], device=device)
+        self.pixels = pixels
+        self.requests = [Request(row, pixels[i:i + 1]) for i, row in enumerate(rows)]
+
+    def run_hf(self, new_tokens: int) -> list[list[int]]:
+        output = self.hf.generate(input_ids=self.hf_ids, attention_mask=torch.ones_like(self.hf_ids),
+                                  pixel_values=self.pixels, max_new_tokens=new_tokens, do_sample=False)
+        return output[:, self.hf_ids.shape[1]:].tolist()
+
+    def run_ours(self, new_tokens: int) -> list[list[int]]:
+        from mm_plugin.inference.generate import generate
+        from mm_plugin.inference.sampling import GenerationConfig
+
+        return [r.tokens for r in generate(self.ours, self.requests, GenerationConfig(max_new_tokens=new_tokens))]
+
+
+CLOCK = time.perf_counter
+
+
+def timed(function, *args):
+    synchronize()
+    start = CLOCK()
+    result = function(*args)
+    synchronize()
+    return CLOCK() - start, result
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
+    times = {name: {"first": [], "full": []} for name in ("ours", "hf")}
+    tokens = {}
+    for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+        function(2)  # warm-up: allocator, kernels, lazy imports
+    for _ in range(repeats):
+        for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+            first, _ = timed(function, 1)
+            full, tokens[name] = timed(function, new_tokens)
+            times[name]["first"].append(first)
+            times[name]["full"].append(full)
+    result = {}
+    for name, measured in times.items():
+        first, full = statistics.median(measured["first"]), statistics.median(measured["full"])
+        result[name] = {
+            "ttft_s": first, "ttft_min_s": min(measured["first"]),
+            "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first),
+            "decode_tokens_per_s_best": batch * (new_tokens - 1) / (min(measured["full"]) - min(measured["first"])),
+            "runs": measured,
+        }
+    same = [a == b for a, b in zip(tokens["ours"], tokens["hf"])]
+    agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(tokens["ours"], tokens["hf"])]
+    result["same_tokens"] = all(same)
+    result["tokens_agreeing_before_first_difference"] = agree
+    return result
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()}
+    try:
+        import transformers
+        from megatron.core import __version__ as megatron
+
+        info.update(transformers=transformers.__version__, megatron_core=megatron)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+        info["device"] = f"CPU {model}, {os.cpu_count()} cores"
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="cpu-small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--text-tokens", type=int, default=40, help="question tokens besides the image")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    global CLOCK
+    if args.clock == "thread":
+        CLOCK, args.threads = time.thread_time, 1
+    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        os.environ.setdefault("MM_PLUGIN_DEVICE", "cpu")
+    import mm_plugin  # noqa: F401  (patches)
+    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+
+    dtype = TORCH_DTYPES[args.dtype]
+    hf = build_hf(args.shape, dtype, args.device)
+    ours = build_ours(hf, args.dtype)
+    parameters = sum(p.numel() for p in hf.parameters())
+    report = {"shape": args.shape, "parameters": parameters, "dtype": args.dtype, "clock": args.clock,
+              "text_tokens": args.text_tokens,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "machine_before": machine(), "results": {}}
+    print(f"{args.shape}: {parameters / 1e6:.0f}M parameters, {args.dtype}, {report['machine_before']['device']}, "
+          f"{args.threads} thread(s), {args.clock} clock")
+    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch:
+        rows, pixels = inputs(batch, args.text_tokens, args.device, dtype)
+        result = measure(Runner(hf, ours, rows, pixels), batch, args.new_tokens, args.repeats)
+        report["results"][batch] = result
+        ours_, hf_ = result["ours"], result["hf"]
+        print(f"| {batch} | {ours_['ttft_s'] * 1000:.0f} ms | {hf_['ttft_s'] * 1000:.0f} ms | "
+              f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s | "
+              f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} |", flush=True)
+    report["machine_after"] = machine()
+    print(f"load average before {report['machine_before']['load_average']}, after {report['machine_after']['load_average']}")
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(report, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Rotary positions and a preallocated key/value cache for the language model's self-attention.
+
+megatron-core's ``SelfAttention`` computes a step's queries, keys and values and hands them to its
+core attention. The decoder is run here without a rotary embedding. For each forward the cache holds
+the rotary angles of the new positions (computed once, not per layer); :meth:`KVCache.store` rotates a
+layer's queries and keys at each token's true position, writes the keys and values into the cache and
+returns everything cached so far. :meth:`KVCache.attached` calls it from a forward pre-hook on every
+layer's core attention, so megatron's layers run unchanged with the whole history; the direct decode
+step (:mod:`~mm_plugin.inference.direct_step`) calls it itself.
+
+The buffers are laid out ``[layers, batch, groups, capacity, head_dim]``, scaled-dot-product
+attention's layout: a step writes one column, and the history is one strided view, no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE (LLaMA's, megatron's ``rotary_interleaved=False``) of ``x`` [s, b, heads, dim]."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, groups: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, batch, groups, capacity, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+        """Positions already cached: the current forward writes from here."""
+        self._cos: Optional[torch.Tensor] = None
+        self._sin: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def forward(self, angles: torch.Tensor, layers: Optional[torch.nn.ModuleList] = None) -> Iterator["KVCache"]:
+        """One forward over new positions whose rotary angles are ``angles`` [s, b, 1, dim]. With ``layers``
+        (a megatron ``TransformerBlock.layers``), their core attention goes through :meth:`store`."""
+        if layers is not None and len(layers) != self.keys.shape[0]:
+            raise ValueError(f"the cache holds {self.keys.shape[0]} layers, the decoder has {len(layers)}")
+        self._cos, self._sin = angles.cos().to(self.keys.dtype), angles.sin().to(self.keys.dtype)
+        handles = [
+            layer.self_attention.core_attention.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+            for index, layer in enumerate(layers or ())
+        ]
+        try:
+            yield self
+            self.length += angles.shape[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._cos = self._sin = None
+
+    def store(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s new ``query``, ``key``, ``value`` [s, b, heads or groups, dim] -> the rotated
+        query [s, b, heads, dim] and all keys and values so far [b, groups, positions, dim]."""
+        end = self.length + key.shape[0]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
+        query, key = rotate(query, self._cos, self._sin), rotate(key, self._cos, self._sin)
+        keys, values = self.keys[index], self.values[index]
+        keys[:, :, self.length:end] = key.permute(1, 2, 0, 3)
+        values[:, :, self.length:end] = value.permute(1, 2, 0, 3)
+        return query, keys[:, :, :end], values[:, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a copy of what is cached so far)."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+
+    def _hook(self, index: int):
+        def extend(module, args, kwargs):
+            query, keys, values = self.store(index, *args[:3])
+            # megatron's core attention takes [s, b, groups, dim]
+            return (query, keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3), *args[3:]), kwargs
+
+        return extend

@@ -1,0 +1,231 @@
+"""Key/value-cached generation against Hugging Face ``generate`` (CPU, fp32, random tiny models)."""
+
+import pytest
+import torch
+
+from model_fixtures import HF_IMAGE_TOKEN, IMAGE, SHAPES, our_config, our_full_state, tiny_hf_llava
+
+NEW_TOKENS = 12
+PAD = 0
+NEVER = (HF_IMAGE_TOKEN, PAD)  # what a pipeline suppresses: the image token and pad
+
+
+def load(shape: str, backend: str = "sdpa"):
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.parallel import load_full_state_dict
+
+    hf = tiny_hf_llava(shape)
+    config = our_config(hf, backend)
+    model = LlavaModel(config).eval()
+    load_full_state_dict(model, our_full_state(hf, config), vocab_size=config.language.vocab_size)
+    return hf, model
+
+
+@pytest.fixture(scope="module")
+def models(megatron_single):
+    return {shape: load(shape) for shape in SHAPES}
+
+
+def requests_for(shape: str, seed: int = 0):
+    """Prompts of different lengths: one image, two images with text between, text only, an image mid-text."""
+    from mm_plugin.inference.generate import Request
+
+    vocab, size = SHAPES[shape]["text"]["vocab_size"], SHAPES[shape]["vision"]["image_size"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def words(n):
+        return torch.randint(6, vocab, (n,), generator=generator).tolist()
+
+    def images(n):
+        return torch.randn(n, 3, size, size, generator=generator)
+
+    return [
+        Request([1, IMAGE] + words(6), images(1), name="one image"),
+        Request([1] + words(2) + [IMAGE] + words(4) + [IMAGE] + words(3), images(2), name="two images"),
+        Request([1] + words(11), None, name="text only"),
+        Request([1] + words(5) + [IMAGE] + words(1), images(1), name="image mid-text"),
+    ]
+
+
+def hugging_face_tokens(hf, request, **settings) -> list[int]:
+    """Hugging Face ``generate`` on one request (image placeholders expanded to its image token)."""
+    ids = []
+    for token in request.input_ids:
+        ids += [HF_IMAGE_TOKEN] * hf.config.image_seq_length if token == IMAGE else [token]
+    pixels = {} if request.images is None else {"pixel_values": request.images}
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "suppress_tokens": list(NEVER),
+                "pad_token_id": PAD, "eos_token_id": None, **settings}
+    with torch.no_grad():
+        output = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             **pixels, **settings)
+    new = output[0, len(ids):].tolist()
+    eos = settings["eos_token_id"]
+    return new[: new.index(eos)] if eos in new else new
+
+
+def ours(model, requests, **settings):
+    from mm_plugin.inference.generate import generate
+    from mm_plugin.inference.sampling import GenerationConfig
+
+    return generate(model, requests, GenerationConfig(**{"max_new_tokens": NEW_TOKENS, **settings}), suppressed=NEVER)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_greedy_batch_matches_hugging_face_one_at_a_time(models, shape, penalty):
+    hf, model = models[shape]
+    requests = requests_for(shape)
+    results = ours(model, requests, repetition_penalty=penalty)
+    for request, result in zip(requests, results):
+        expected = hugging_face_tokens(hf, request, repetition_penalty=penalty)
+        assert result.tokens == expected, request.name
+        assert result.finish_reason == "length" and result.error is None
+    assert len({tuple(r.tokens) for r in results}) == len(results)  # the prompts really differ
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_batch_gives_the_tokens_of_one_prompt_at_a_time(models, shape):
+    _, model = models[shape]
+    requests = requests_for(shape, seed=1)
+    batched = ours(model, requests, repetition_penalty=1.2)
+    for request, result in zip(requests, batched):
+        assert result.tokens == ours(model, [request], repetition_penalty=1.2)[0].tokens, request.name
+
+
+def test_end_of_sequence_stops_like_hugging_face(models):
+    hf, model = models["gqa"]
+    requests = requests_for("gqa", seed=2)
+    free_run = ours(model, requests[:1], repetition_penalty=1.3)[0].tokens
+    eos = next(t for i, t in enumerate(free_run) if i >= 2 and t not in free_run[:i])  # a token first seen mid-answer
+    result = ours(model, requests, repetition_penalty=1.3, eos_token_id=eos)
+    expected = hugging_face_tokens(hf, requests[0], repetition_penalty=1.3, eos_token_id=eos)
+    assert result[0].tokens == expected == free_run[: free_run.index(eos)]
+    assert result[0].finish_reason == "eos" and eos not in result[0].tokens
+    # The batch goes on without the rows that ended, and the others are unchanged by it.
+    for request, batched in zip(requests, result):
+        assert batched.tokens == ours(model, [request], repetition_penalty=1.3, eos_token_id=eos)[0].tokens
+
+
+def test_rows_that_reach_max_length_leave_the_batch(models):
+    _, model = models["gqa"]
+    requests = requests_for("gqa", seed=5)
+    batched = ours(model, requests, max_new_tokens=None, max_length=30)  # the shortest prompt is 12 tokens
+    lengths = [len(r.tokens) for r in batched]
+    assert len(set(lengths)) > 1 and all(r.finish_reason == "length" for r in batched)
+    for request, result in zip(requests, batched):
+        assert result.tokens == ours(model, [request], max_new_tokens=None, max_length=30)[0].tokens
+
+
+@pytest.mark.compat
+def test_the_local_attention_backend_generates_the_same_tokens(megatron_single, models):
+    hf, _ = models["mha"]
+    _, local = load("mha", backend="local")
+    requests = requests_for("mha")
+    for request, result in zip(requests, ours(local, requests)):  # left-padded: explicit masks
+        assert result.tokens == hugging_face_tokens(hf, request), request.name
+    alone = ours(local, requests[:1])[0]  # unpadded: the layer's own causal mask in the prefill
+    assert alone.tokens == hugging_face_tokens(hf, requests[0])
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-layers", "megatron-modules"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direct):
+    """Teacher forcing: prefill left-padded prompts, feed known tokens, compare with full forwards."""
+    from mm_plugin.inference.decoder import IncrementalDecoder
+
+    _, model = models[shape]
+    vocab = SHAPES[shape]["text"]["vocab_size"]
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(6, vocab, (n,), generator=generator) for n in (11, 7, 9)]
+    steps = 5
+    prompt = max(len(r) for r in rows) - steps
+    padding = torch.tensor([prompt - (len(r) - steps) for r in rows])
+    ids = torch.zeros(len(rows), prompt, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, padding[i]:] = row[:-steps]
+    decoder = IncrementalDecoder(model, padding, capacity=prompt + steps, direct=direct)
+    with torch.no_grad():
+        logits = [decoder.prefill(model.language_model.embedding(input_ids=ids, position_ids=None))]
+        for step in range(steps - 1):
+            logits.append(decoder.step(torch.stack([r[len(r) - steps + step] for r in rows])))
+        for i, row in enumerate(rows):
+            full = model.language_model(input_ids=row[None], position_ids=None, attention_mask=None)[0]
+            expected = full[len(row) - steps - 1: len(row) - 1, :vocab]
+            got = torch.stack([step_logits[i] for step_logits in logits])
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), f"row {i}"
+
+
+def test_suppressed_ids_are_never_generated(models):
+    _, model = models["gqa"]
+    requests = requests_for("gqa", seed=4)
+    free = ours(model, requests)
+    counts = torch.bincount(torch.tensor([t for r in free for t in r.tokens]))
+    favourites = counts.argsort(descending=True)[:3].tolist()  # the tokens it likes best
+    from mm_plugin.inference.generate import generate
+    from mm_plugin.inference.sampling import GenerationConfig
+
+    held_back = generate(model, requests, GenerationConfig(max_new_tokens=NEW_TOKENS, suppress_tokens=favourites[:1]),
+                         suppressed=favourites[1:])
+    for result in held_back:
+        assert len(result.tokens) == NEW_TOKENS and not set(result.tokens) & set(favourites)
+
+
+def test_bad_requests_get_named_errors_and_the_others_still_answer(models):
+    from mm_plugin.inference.generate import Request
+
+    _, model = models["gqa"]
+    good = requests_for("gqa")
+    size = SHAPES["gqa"]["vision"]["image_size"]
+    context = model.llava_config.language.max_sequence_length
+    bad = [
+        Request(good[0].input_ids, torch.zeros(2, 3, size, size), name="cat.jpg"),  # two images, one <image>
+        Request(good[2].input_ids, torch.zeros(1, 3, size + 14, size), name="wrong size"),
+        Request([1] + [7] * context, None, name="long prompt"),
+    ]
+    results = ours(model, [good[0], bad[0], good[1], bad[1], bad[2]])
+    assert "'cat.jpg'" in results[1].error and "1 image placeholder(s)" in results[1].error
+    assert "wrong size" in results[3].error and "[n, 3, 42, 42]" in results[3].error
+    assert "long prompt" in results[4].error and f"context of {context}" in results[4].error
+    assert all(r.finish_reason == "error" and not r.tokens for r in (results[1], results[3], results[4]))
+    alone = ours(model, [good[0], good[1]])
+    assert [results[0].tokens, results[2].tokens] == [a.tokens for a in alone]
+
+
+def test_length_limits(models):
+    _, model = models["mha"]
+    request = requests_for("mha")[2]  # text only, 12 tokens
+    context = model.llava_config.language.max_sequence_length
+    assert ours(model, [request], max_new_tokens=None, max_length=15)[0].tokens.__len__() == 3
+    near_the_end = type(request)([1] + [7] * (context - 5), None)
+    result = ours(model, [near_the_end], max_new_tokens=50)[0]
+    assert len(result.tokens) == 4 and result.finish_reason == "context"
+
+
+def test_min_new_tokens_holds_back_end_of_sequence(models):
+    _, model = models["gqa"]
+    request = requests_for("gqa", seed=2)[0]
+    free_run = ours(model, [request], repetition_penalty=1.3)[0].tokens
+    eos = free_run[2] if free_run[2] not in free_run[:2] else free_run[0]
+    early = ours(model, [request], repetition_penalty=1.3, eos_token_id=eos)[0]
+    held = ours(model, [request], repetition_penalty=1.3, eos_token_id=eos, min_new_tokens=len(early.tokens) + 2)[0]
+    assert len(held.tokens) >= len(early.tokens) + 2 and held.tokens[: len(early.tokens)] == early.tokens
+
+
+def test_stream_yields_each_token_before_the_next_step_runs(models):
+    from mm_plugin.inference.generate import stream
+    from mm_plugin.inference.sampling import GenerationConfig
+
+    _, model = models["gqa"]
+    forwards = []
+    hook = model.language_model.output_layer.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        events = stream(model, requests_for("gqa")[:2], GenerationConfig(max_new_tokens=3))
+        first = [next(events), next(events)]  # the first token of both prompts
+        assert [e.index for e in first] == [0, 1] and all(e.token is not None for e in first)
+        assert len(forwards) == 1  # only the prompt has run so far
+        rest = list(events)
+    finally:
+        hook.remove()
+    assert len(forwards) == 3  # prompt + 2 steps: the third token needs no step after it
+    assert [(e.index, e.finish_reason) for e in rest if e.token is None] == [(0, "length"), (1, "length")]
