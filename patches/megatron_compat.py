@@ -8,8 +8,9 @@ Defects of megatron-core that MindSpeed users (who must stay on 0.12) and this p
   TransformerEngine that function raises even when there is no FP8 parameter at all;
 * (0.12 and 0.16) ``parallel_state.destroy_model_parallel`` keeps the old layout's global-rank lists
   (``_EMBEDDING_GLOBAL_RANKS``, ``_POSITION_EMBEDDING_GLOBAL_RANKS``...), which ``initialize`` sets only
-  on member ranks; a process that trains again with another TP/PP layout then takes part in
-  collectives of groups it no longer belongs to and hangs.
+  on member ranks, so a process that trains again with another TP/PP layout takes part in collectives
+  of groups it no longer belongs to and hangs; and it only forgets its process groups, never destroys
+  them: each re-initialisation leaves a few dozen gloo groups, each with a busy network thread.
 """
 
 from __future__ import annotations
@@ -51,11 +52,27 @@ def _skip_when_no_fp8_params(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def _also_forget_global_ranks(wrapped, instance, args, kwargs):
-    result = wrapped(*args, **kwargs)
+def _process_groups(module) -> list:
+    import torch.distributed as dist
+
+    found = []
+    for value in vars(module).values():
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        found += [group for group in values if isinstance(group, dist.ProcessGroup) and group not in found]
+    return found
+
+
+def _destroy_groups_and_forget_ranks(wrapped, instance, args, kwargs):
+    import torch.distributed as dist
+
     module = sys.modules[wrapped.__module__]
+    groups = _process_groups(module)
+    result = wrapped(*args, **kwargs)
     for name in [name for name in vars(module) if name.startswith("_") and name.endswith("_GLOBAL_RANKS")]:
         setattr(module, name, None)
+    for group in groups:
+        if group is not dist.GroupMember.WORLD and group in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
     return result
 
 
@@ -79,8 +96,8 @@ PATCHES = [
     Patch(
         name="compat.destroy_model_parallel",
         target="megatron.core.parallel_state:destroy_model_parallel",
-        replace=wrapping(_also_forget_global_ranks),
-        reason="destroy_model_parallel keeps the old layout's global-rank lists; re-initialising then hangs",
+        replace=wrapping(_destroy_groups_and_forget_ranks),
+        reason="destroy_model_parallel keeps the old layout's rank lists (re-initialising hangs) and leaks its groups",
         versions={"megatron-core": ">=0.12,<0.17"},
     ),
 ]

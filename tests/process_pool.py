@@ -131,9 +131,8 @@ class Pool:
 
 
 def parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:
-    """Inside a rank: (re)build megatron's process groups for this TP x PP (DP is the rest)."""
-    from megatron.core import parallel_state, tensor_parallel as megatron_tp
+    """Inside a rank: megatron's process groups for this TP x PP (DP is the rest), rebuilt only when the
+    layout changes; every generator seeded."""
+    from mm_plugin.parallel.world import set_model_parallel
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
-    megatron_tp.model_parallel_cuda_manual_seed(seed)
+    set_model_parallel(tensor_parallel, pipeline_parallel, seed)
