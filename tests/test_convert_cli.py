@@ -25,7 +25,7 @@ def test_each_command_writes_and_summarises(tmp_path, capsys):
     for command, source, output in commands:
         status, out, err = run(capsys, command, "--input", source, "--output", output)
         assert status == 0, err
-        assert out.startswith(f"mm-convert {command}: wrote {output} (") and f"read   " in out
+        assert out.startswith(f"mm-convert {command}: wrote {output} (") and "read   " in out
         assert output.exists()
     assert (tmp_path / "llava-hf" / "config.json").is_file()
 

@@ -7,7 +7,6 @@ of every layer) and choose the same tokens.
 
 from __future__ import annotations
 
-import torch
 
 from mm_plugin import device
 from mm_plugin.config.model import LlavaConfig, ModelConfigError

@@ -15,8 +15,6 @@ import dataclasses
 import inspect
 import logging
 import math
-import os
-import time
 from typing import Callable, Optional
 
 import torch
