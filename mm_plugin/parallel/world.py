@@ -28,12 +28,11 @@ def free_port() -> int:
 def join_world(timeout_minutes: int = 30) -> int:
     """Join (or make) the process group; returns the world size."""
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # not launched by torchrun: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         device.set_local_rank(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend=device.distributed_backend(),
-                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+        launched = "RANK" in os.environ  # by torchrun; otherwise a world of one on a free loopback port
+        torch.distributed.init_process_group(
+            backend=device.distributed_backend(), timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({} if launched else dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)))
     return torch.distributed.get_world_size()
 
 
