@@ -215,9 +215,11 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
         metrics.iteration_done(iteration, consumed, float(loss), grad_norm, optimizer.param_groups[0]["lr"],
                                optimizer.get_loss_scale().item() if args.fp16 else None, result.skipped_iterations)
         if valid_data is not None and args.eval_interval and iteration % args.eval_interval == 0:
-            metrics.validation(iteration, evaluate(forward_step_func, valid_data, model, args))
+            with metrics.paused():
+                metrics.validation(iteration, evaluate(forward_step_func, valid_data, model, args))
         if args.save and args.save_interval and iteration % args.save_interval == 0 and updated:
-            _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
+            with metrics.paused():
+                _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
     if args.save and (checkpointing.latest_iteration(args.save) or 0) < iteration:

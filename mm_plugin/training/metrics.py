@@ -8,6 +8,8 @@ TFLOP/s per device and MFU (see ``flops.py`` for what is counted).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -36,7 +38,7 @@ class MetricsLogger:
         self.args, self.model_config, self.stats = args, model_config, stats
         self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.peak = peak_tflops(_device_name(), args.peak_tflops)
-        self.window_start, self.window_iterations = time.perf_counter(), 0
+        self.window_start, self.window_iterations, self.window_paused = time.perf_counter(), 0, 0.0
         self.loss_sum, self.loss_count = 0.0, 0
         folder = args.tensorboard_dir or (str(Path(args.save) / "tensorboard") if args.save else None)
         self.folder = Path(folder) if folder and self.is_logger else None
@@ -75,7 +77,7 @@ class MetricsLogger:
         from mm_plugin.data.loader import bad_counts_by_reason
 
         samples, positions, images, bad = self._window_totals()  # collective: every rank
-        elapsed = time.perf_counter() - self.window_start
+        elapsed = time.perf_counter() - self.window_start - self.window_paused
         # Summed over data-parallel ranks: the whole model's work in the window, done by all devices.
         flops = training_flops(self.model_config, samples=samples, positions=positions, images=images)
         per_device = flops / elapsed / torch.distributed.get_world_size() / 1e12
@@ -90,7 +92,8 @@ class MetricsLogger:
         }
         if loss_scale is not None:
             record["loss_scale"] = loss_scale
-        self.window_start, self.window_iterations, self.loss_sum, self.loss_count = time.perf_counter(), 0, 0.0, 0
+        self.window_start, self.window_iterations, self.window_paused = time.perf_counter(), 0, 0.0
+        self.loss_sum, self.loss_count = 0.0, 0
         if not self.is_logger:
             return
         print(format_line(record, self.args.train_iters), flush=True)
@@ -100,6 +103,19 @@ class MetricsLogger:
                     self.writer.add_scalar(f"train/{key}", value, iteration)
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time and samples here (saving, validating) are not training: left out of the throughput."""
+        start = time.perf_counter()
+        counted = dataclasses.replace(self.stats) if self.stats else None
+        try:
+            yield
+        finally:
+            self.window_paused += time.perf_counter() - start
+            if counted is not None:
+                for field in dataclasses.fields(counted):
+                    setattr(self.stats, field.name, getattr(counted, field.name))
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.is_logger:
@@ -136,7 +152,7 @@ def format_line(record: dict, train_iters: int) -> str:
     if record["bad_samples"]:
         parts.append("replaced samples: " + ", ".join(f"{k} {v}" for k, v in record["bad_samples"].items()))
     parts += [f"samples/s: {record['samples_per_s']:.2f}", f"tokens/s: {record['tokens_per_s']:.0f}",
-              f"TFLOP/s/device: {record['tflops_per_device']:.2f}"]
+              f"TFLOP/s/device: {record['tflops_per_device']:.3g}"]
     if record["mfu"] is not None:
         parts.append(f"MFU: {100 * record['mfu']:.1f}%")
     return " | ".join(parts) + " |"
