@@ -108,13 +108,12 @@ def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[i
     return output, functools.partial(loss_func, loss_mask)
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, model_config: LlavaConfig,
-                                       args: argparse.Namespace, consumed_samples: int = 0):
+def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, tokenizer,
+                                       model_config: LlavaConfig, args: argparse.Namespace,
+                                       consumed_samples: int = 0):
     """Endless (train, valid, None) iterators of collated micro-batches for this data-parallel rank."""
     from mm_plugin.data.loader import build_data_iterators
-    from mm_plugin.data.tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(data_config.tokenizer_path)
     vision = model_config.vision
     train, valid = build_data_iterators(
         data_config, tokenizer,
@@ -134,16 +133,14 @@ class Providers:
     forward_step: Any
     datasets_provider: Any
     stats: BatchStats
-    pad_token_id: int
 
 
 def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Providers:
     """The three functions with Megatron's signatures, this run's settings fixed by ``partial``."""
     from mm_plugin.data.tokenization import load_tokenizer
 
-    pad_token_id = data_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = load_tokenizer(data_config.tokenizer_path).pad_token_id
+    tokenizer = load_tokenizer(data_config.tokenizer_path)
+    pad_token_id = data_config.pad_token_id if data_config.pad_token_id is not None else tokenizer.pad_token_id
     stats = BatchStats()
     fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
     return Providers(
@@ -151,7 +148,6 @@ def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Pr
         forward_step=functools.partial(forward_step, seq_length=fixed_length, pad_token_id=pad_token_id,
                                        stats=stats),
         datasets_provider=functools.partial(train_valid_test_datasets_provider, data_config=data_config,
-                                            model_config=model_config, args=args),
+                                            tokenizer=tokenizer, model_config=model_config, args=args),
         stats=stats,
-        pad_token_id=pad_token_id,
     )
