@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -59,11 +58,10 @@ def model_json(vocab_size: int, *, language_ckpt: Optional[str], train_language:
 
 
 def _synth(out: Path, kind: str, num: int, seed: int, tokenizer: Optional[Path] = None) -> None:
-    command = [sys.executable, "-m", "mm_plugin.data.cli", "synth", "--out", str(out), "--num", str(num),
-               "--kind", kind, "--seed", str(seed), "--image-size", str(IMAGE_SIZE), "--patch-size", str(PATCH_SIZE)]
-    if tokenizer:
-        command += ["--tokenizer", str(tokenizer)]
-    subprocess.run(command, check=True)
+    from mm_plugin.data.synthetic import synthesize
+
+    synthesize(out, num, kind=kind, seed=seed, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, tokenizer=tokenizer)
+    print(f"wrote {num} {kind} records to {out}")
 
 
 def write_random_clip(path: Path, seed: int = 0) -> None:
