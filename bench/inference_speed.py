@@ -67,6 +67,7 @@ def build_hf(shape: str, dtype: torch.dtype, device: str):
 
 
 def build_ours(hf, dtype_name: str):
+    from mm_plugin import device
     from mm_plugin.config.model import from_hf_config
     from mm_plugin.inference.runtime import initialize
     from mm_plugin.models.hf_keys import OUR_PREFIXES, llava_hf_to_ours
@@ -87,7 +88,7 @@ def build_ours(hf, dtype_name: str):
     state.update({prefix + k: v for k, v in select_built_vision_layers(vision, config, "benchmark").items()})
     load_full_state_dict(model, state, vocab_size=config.language.vocab_size)
     del state
-    return model.eval()
+    return model.to(device.current()).eval()  # megatron builds its norms on the CPU
 
 
 def inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype):
@@ -184,6 +185,33 @@ def machine() -> dict:
     return info
 
 
+def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, new_tokens: int, repeats: int,
+              device: str, clock: str = "wall") -> dict:
+    """Both implementations on the same requests, interleaved; prints a markdown table and returns the report."""
+    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+
+    parameters = sum(p.numel() for p in hf.parameters())
+    report = {"shape": shape, "parameters": parameters, "dtype": dtype_name, "clock": clock,
+              "text_tokens": text_tokens, "new_tokens": new_tokens, "repeats": repeats,
+              "machine_before": machine(), "results": {}}
+    print(f"{shape}: {parameters / 1e6:.0f}M parameters, {dtype_name}, {report['machine_before']['device']}, "
+          f"{torch.get_num_threads()} thread(s), {clock} clock")
+    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for batch in batches:
+        rows, pixels = inputs(batch, text_tokens, device, TORCH_DTYPES[dtype_name])
+        result = measure(Runner(hf, ours, rows, pixels), batch, new_tokens, repeats)
+        report["results"][batch] = result
+        ours_, hf_ = result["ours"], result["hf"]
+        print(f"| {batch} | {ours_['ttft_s'] * 1000:.0f} ms | {hf_['ttft_s'] * 1000:.0f} ms | "
+              f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s | "
+              f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} |", flush=True)
+    report["machine_after"] = machine()
+    print(f"load average before {report['machine_before']['load_average']}, "
+          f"after {report['machine_after']['load_average']}")
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="cpu-small")
@@ -206,27 +234,10 @@ def main(argv=None) -> int:
     import mm_plugin  # noqa: F401  (patches)
     from mm_plugin.models.transformer_configs import TORCH_DTYPES
 
-    dtype = TORCH_DTYPES[args.dtype]
-    hf = build_hf(args.shape, dtype, args.device)
+    hf = build_hf(args.shape, TORCH_DTYPES[args.dtype], args.device)
     ours = build_ours(hf, args.dtype)
-    parameters = sum(p.numel() for p in hf.parameters())
-    report = {"shape": args.shape, "parameters": parameters, "dtype": args.dtype, "clock": args.clock,
-              "text_tokens": args.text_tokens,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "machine_before": machine(), "results": {}}
-    print(f"{args.shape}: {parameters / 1e6:.0f}M parameters, {args.dtype}, {report['machine_before']['device']}, "
-          f"{args.threads} thread(s), {args.clock} clock")
-    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for batch in args.batch:
-        rows, pixels = inputs(batch, args.text_tokens, args.device, dtype)
-        result = measure(Runner(hf, ours, rows, pixels), batch, args.new_tokens, args.repeats)
-        report["results"][batch] = result
-        ours_, hf_ = result["ours"], result["hf"]
-        print(f"| {batch} | {ours_['ttft_s'] * 1000:.0f} ms | {hf_['ttft_s'] * 1000:.0f} ms | "
-              f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s | "
-              f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} |", flush=True)
-    report["machine_after"] = machine()
-    print(f"load average before {report['machine_before']['load_average']}, after {report['machine_after']['load_average']}")
+    report = benchmark(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
+                       args.repeats, args.device, args.clock)
     if args.output:
         with open(args.output, "w") as file:
             json.dump(report, file, indent=2)

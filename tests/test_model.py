@@ -152,6 +152,19 @@ def test_freezing_from_config(megatron_single):
         assert changed == (name in trainable), name
 
 
+def test_every_part_is_built_in_its_params_dtype(megatron_single):
+    """megatron-core builds norms in fp32 whatever params_dtype says; CUDA's layer norm then refuses a bf16
+    model's activations (seen on an H100). Every parameter, norms included, must be in its part's dtype."""
+    config = our_config(tiny_hf_llava("gqa"))
+    config.vision.params_dtype, config.projector.params_dtype, config.language.params_dtype = "fp32", "bf16", "bf16"
+    model = build(config)
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    norms = [name for name in dtypes if "norm" in name]
+    assert any(name.startswith("language_model.") for name in norms)
+    for name, dtype in dtypes.items():
+        assert dtype == (torch.float32 if name.startswith("vision_model.") else torch.bfloat16), name
+
+
 @pytest.mark.parametrize("projector_type", ["linear", "identity"])
 def test_other_projector_types_run(megatron_single, projector_type):
     hf = tiny_hf_llava("gqa")

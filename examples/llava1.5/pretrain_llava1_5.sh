@@ -21,18 +21,23 @@ if [ "${1:-}" = "--demo" ]; then
     # language model that first learns language (and in-context copying) from a text-only run of the same
     # loop, both written as the converted part files model.json points to; then stage 1 exactly as a user
     # runs it, on the CPU with 2 processes. See mm_plugin/training/demo.py.
+    # MM_PLUGIN_DEVICE=cuda DEMO_NPROC=1 runs it on one GPU instead (one process per GPU).
+    export MM_PLUGIN_DEVICE=${MM_PLUGIN_DEVICE:-cpu}
+    DEMO_NPROC=${DEMO_NPROC:-2}
     OUT=${DEMO_DIR:-demo_out}
     DEMO_ARGS="--micro-batch-size 16 --global-batch-size 32 --seq-length 64 --lr-warmup-fraction 0.03 \
         --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --log-interval 25 --num-workers 1"
     rm -rf "$OUT"
     "$PYTHON" -m mm_plugin.training.demo prepare "$OUT"
     echo "== the language model learns language from text (a stand-in for Vicuna's pretraining)"
-    torchrun --nproc-per-node 2 --master-port "$MASTER_PORT" launch/pretrain.py $DEMO_ARGS \
+    "$PYTHON" -m torch.distributed.run --nproc-per-node "$DEMO_NPROC" --master-port "$MASTER_PORT" \
+        launch/pretrain.py $DEMO_ARGS \
         --mm-model "$OUT/model_lm.json" --mm-data "$OUT/data/text/data.json" \
         --lr 3e-3 --train-iters 300 --save "$OUT/checkpoints/lm"
     "$PYTHON" -m mm_plugin.training.demo export-lm "$OUT/checkpoints/lm" "$OUT/weights/converted_vicuna.pt"
     echo "== stage 1: only the projector trains, vision tower and language model frozen"
-    torchrun --nproc-per-node 2 --master-port "$MASTER_PORT" launch/pretrain.py $DEMO_ARGS \
+    "$PYTHON" -m torch.distributed.run --nproc-per-node "$DEMO_NPROC" --master-port "$MASTER_PORT" \
+        launch/pretrain.py $DEMO_ARGS \
         --mm-model "$OUT/model.json" --mm-data "$OUT/data/train/data.json" \
         --lr 2e-3 --train-iters 250 --save "$OUT/checkpoints/stage1"
     "$PYTHON" -m mm_plugin.training.demo evaluate "$OUT"

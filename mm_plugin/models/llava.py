@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from mm_plugin.config.model import LlavaConfig
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
 from mm_plugin.models.specs import language_layer_spec, projector_submodules, vision_layer_spec
-from mm_plugin.models.transformer_configs import language_config, projector_config, vision_config
+from mm_plugin.models.transformer_configs import TORCH_DTYPES, language_config, projector_config, vision_config
 from mm_plugin.models.vision import CLIPVisionTower
 
 
@@ -73,7 +73,20 @@ class LlavaModel(MegatronModule):
             position_embedding_type="rope",
             rotary_base=config.language.rotary_base,
         )
+        self.cast_to_params_dtype()
         self.freeze()
+
+    def cast_to_params_dtype(self) -> None:
+        """Every part in its own ``params_dtype``. megatron-core builds its linear layers in
+        ``params_dtype`` but its norms in fp32 (its training wrapper, ``Float16Module``, casts them);
+        a bf16 model run without that wrapper would feed bf16 activations to fp32 norms, which CUDA's
+        layer norm refuses."""
+        config = self.llava_config
+        for part, part_config in ((getattr(self, "vision_model", None), config.vision),
+                                  (getattr(self, "vision_projection", None), config.projector),
+                                  (self.language_model, config.language)):
+            if part is not None:
+                part.to(TORCH_DTYPES[part_config.params_dtype])
 
     # --- freezing -----------------------------------------------------------------------------
 

@@ -74,20 +74,23 @@ def run(argv: Optional[Sequence[str]] = None):
     from megatron.core.enums import ModelType
 
     if megatron_lm:
-        return _run_megatron_lm(args, model_config, providers, ModelType.encoder_or_decoder)
+        return _run_megatron_lm(args, model_config, data_config, providers, ModelType.encoder_or_decoder)
     from mm_plugin.training.loop import pretrain
 
     return pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
                     providers.forward_step, args=args, stats=providers.stats, model_config=model_config)
 
 
-def _run_megatron_lm(args, model_config, providers, model_type):
+def _run_megatron_lm(args, model_config, data_config, providers, model_type):
     """Megatron-LM's own pretrain(), given our three functions and our flags as its extra arguments."""
     from megatron.training import get_args, pretrain
 
+    from mm_plugin.data.errors import DataError
     from mm_plugin.training.arguments import build_parser
 
     ours = build_parser()
+
+    has_validation = bool(data_config.valid_data_path or data_config.valid_fraction)
 
     def add_our_flags(parser):
         known = {option for action in parser._actions for option in action.option_strings}
@@ -95,14 +98,24 @@ def _run_megatron_lm(args, model_config, providers, model_type):
         for action in ours._actions:
             if action.option_strings and not set(action.option_strings) & known:
                 group._add_action(action)
+        if not has_validation:  # Megatron-LM validates every --eval-interval unless --eval-iters is 0
+            parser.set_defaults(eval_iters=0)
         return parser
 
     def datasets(num_samples):
+        if not has_validation and get_args().eval_iters > 0:
+            raise DataError(f"--eval-iters {get_args().eval_iters}, but {args.mm_data} names no validation "
+                            "data: set valid_data_path or valid_fraction, or drop --eval-iters")
         return providers.datasets_provider(num_samples, consumed_samples=get_args().consumed_train_samples)
 
     language = model_config.language
+    # Megatron-LM wants a tokenizer of its own, a save interval with --save and an eval interval: the data's
+    # tokenizer is data.json's, so it gets a stand-in of the model's vocabulary; without --save-interval it
+    # saves at the end of training only, and without --eval-interval it validates there only.
     defaults = dict(dataloader_type="external", num_layers=language.num_layers, hidden_size=language.hidden_size,
-                    num_attention_heads=language.num_attention_heads, max_position_embeddings=language.max_sequence_length)
+                    num_attention_heads=language.num_attention_heads, max_position_embeddings=language.max_sequence_length,
+                    tokenizer_type="NullTokenizer", vocab_size=language.vocab_size, save_interval=sys.maxsize,
+                    eval_interval=sys.maxsize)
     logger.info("Megatron-LM found: running its pretrain() with mm_plugin's providers")
     return pretrain(datasets, providers.model_provider, model_type, providers.forward_step,
                     extra_args_provider=add_our_flags, args_defaults=defaults)

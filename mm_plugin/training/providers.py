@@ -53,9 +53,15 @@ def run_dtype(args: argparse.Namespace) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
-def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None, *,
-                   model_config: LlavaConfig, args: argparse.Namespace) -> LlavaModel:
-    """One pipeline stage of the model, in the run's dtype, with its part files loaded."""
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
+                   config=None, pg_collection=None, *, model_config: LlavaConfig,
+                   args: argparse.Namespace) -> LlavaModel:
+    """One pipeline stage of the model, in the run's dtype, with its part files loaded.
+
+    ``config`` and ``pg_collection`` are what Megatron-LM 0.16's ``get_model`` passes: model.json defines
+    the model (not a TransformerConfig built from flags), and the model uses megatron's global process
+    groups, which are the collection Megatron-LM passes unless a caller builds its own.
+    """
     from mm_plugin.models.loading import load_parts
 
     if vp_stage is not None:
