@@ -47,6 +47,7 @@ CASES = [  # (size, mode, format)
     ((337, 1001), "RGB", "PNG"), ((120, 60), "RGB", "JPEG"),  # smaller than the crop: upscaled
     ((300, 200), "L", "JPEG"), ((260, 300), "RGBA", "PNG"), ((310, 240), "P", "PNG"),
     ((400, 350), "CMYK", "JPEG"), ((350, 420), "I;16", "PNG"), ((200, 280), "LA", "PNG"),
+    ((400, 1300), "RGB", "JPEG"), ((1200, 500), "RGB", "JPEG"),  # Pillow 13: vertical pass first / not
 ]
 
 
@@ -57,6 +58,63 @@ def test_equal_to_clip_image_processor(tmp_path, clip, size, mode, fmt):
     reference = original_llava(path, clip)
     assert ours.shape == (3, 336, 336) and ours.dtype.is_floating_point
     assert np.abs(ours.numpy() - reference).max() <= 1e-5
+
+
+def test_fast_routes_are_on_and_used(tmp_path, monkeypatch):
+    """The C resize and simplejpeg are built/installed and agree with this Pillow, and load() goes through
+    them: with both routes forced off, the same file gives the same tensor by Pillow alone."""
+    from mm_plugin.data import fast_image
+
+    assert fast_image.resample_route_agrees() and fast_image.jpeg_route_agrees()
+    path = save_image(tmp_path / "image.jpg", (700, 450), subsampling=2)
+    processor = ImageProcessor(ImagePreprocessConfig())
+    calls = []
+    for name in ("decode_jpeg", "resize_crop_normalize"):
+        original = getattr(fast_image, name)
+        monkeypatch.setattr(fast_image, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    fast = processor.load(str(path))
+    assert calls == ["decode_jpeg", "resize_crop_normalize"]
+    monkeypatch.setattr(fast_image, "decode_jpeg", lambda data: None)
+    monkeypatch.setattr(fast_image, "resize_crop_normalize", lambda *args: None)
+    assert torch_equal(fast, processor.load(str(path)))
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_c_resize_equals_pillow_on_random_shapes():
+    """Resize + crop in C against Pillow's resize then crop, byte for byte, on shapes that take both of
+    Pillow 13's pass orders, upscaling, and one dimension left unchanged."""
+    from mm_plugin.data import fast_image
+
+    rng = np.random.default_rng(3)
+    identity = np.tile(np.arange(256, dtype=np.float32), (3, 1))
+    orders = set()
+    for _ in range(60):
+        width, height = (int(v) for v in rng.integers(8, 160, size=2))
+        out_width = width if rng.random() < 0.15 else int(rng.integers(4, 200))
+        out_height = int(rng.integers(4, 200))
+        crop_width, crop_height = int(rng.integers(1, out_width + 1)), int(rng.integers(1, out_height + 1))
+        left, top = int(rng.integers(0, out_width - crop_width + 1)), int(rng.integers(0, out_height - crop_height + 1))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = np.asarray(Image.fromarray(pixels).resize((out_width, out_height), Image.BICUBIC))
+        expected = expected[top:top + crop_height, left:left + crop_width].transpose(2, 0, 1)
+        got = fast_image.resize_crop_normalize(pixels, (out_width, out_height),
+                                               (left, top, crop_width, crop_height), identity)
+        assert np.array_equal(got, expected), (width, height, out_width, out_height, left, top)
+        orders.add(fast_image.pillow_vertical_first(width, height, out_width, out_height))
+    assert orders == {True, False} or not fast_image._PILLOW_MAY_RESIZE_VERTICALLY_FIRST
+
+
+def test_c_resize_rejects_inconsistent_sizes():
+    from mm_plugin.data import _resample
+
+    table, out = np.zeros((3, 256), np.float32), np.zeros((3, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="src must hold"):
+        _resample.resize_crop_normalize(b"\0" * 10, 4, 4, 4, 4, 0, 0, 4, 4, False, table, out)
+    with pytest.raises(ValueError, match="inside the resized image"):
+        _resample.resize_crop_normalize(b"\0" * 48, 4, 4, 4, 4, 1, 0, 4, 4, False, table, out)
 
 
 @pytest.mark.parametrize("size", [(500, 300), (200, 420), (256, 256)])
