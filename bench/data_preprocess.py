@@ -7,6 +7,7 @@ class LLaVA used in transformers 4). One thread, one core; pipelines interleaved
 image's best of several rounds. Prints a Markdown table row block for BENCHMARKS.md.
 
     python bench/data_preprocess.py [--images 150] [--rounds 3] [--shortest 300 800]
+    python bench/data_preprocess.py --stages      # where one image's time goes, ours vs Pillow, per stage
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ from mm_plugin.data.config import ImagePreprocessConfig  # noqa: E402
 from mm_plugin.data.images import ImageProcessor  # noqa: E402
 
 
+def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Photo-like: smooth waves of random period, noise, a slight blur."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(x / rng.uniform(20, 90)) * 80 + 120, np.cos(y / rng.uniform(20, 90)) * 80 + 120,
+                     (x + y) / (width + height) * 255], -1)
+    noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy).filter(ImageFilter.GaussianBlur(1.2))
+
+
 def make_jpegs(folder: Path, count: int, shortest: tuple[int, int]) -> list[str]:
     """Photo-like JPEGs: short side in ``shortest`` px, aspect 0.6-1.8, quality 90."""
     rng = np.random.default_rng(0)
@@ -39,13 +49,8 @@ def make_jpegs(folder: Path, count: int, shortest: tuple[int, int]) -> list[str]
         short = int(rng.integers(shortest[0], shortest[1] + 1))
         aspect = float(rng.uniform(0.6, 1.8))
         width, height = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
-        y, x = np.mgrid[0:height, 0:width]
-        base = np.stack([np.sin(x / rng.uniform(20, 90)) * 80 + 120, np.cos(y / rng.uniform(20, 90)) * 80 + 120,
-                         (x + y) / (width + height) * 255], -1)
-        noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        image = Image.fromarray(noisy).filter(ImageFilter.GaussianBlur(1.2))
         path = folder / f"{index:04d}.jpg"
-        image.save(path, quality=90)
+        photo(width, height, rng).save(path, quality=90)
         paths.append(str(path))
     return paths
 
@@ -66,13 +71,54 @@ def best_times(candidates: dict, paths: list[str], rounds: int) -> dict[str, flo
     return {name: sum(times) for name, times in best.items()}
 
 
+def stages(rounds: int = 7) -> None:
+    """Per stage, one JPEG of each size: decode (simplejpeg vs Pillow), then ours' resize + crop +
+    normalise in one C call vs Pillow's resize alone; best of ``rounds``."""
+    import io
+
+    import simplejpeg
+
+    from mm_plugin.data import fast_image
+
+    processor = ImageProcessor(ImagePreprocessConfig())
+
+    def best(function) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+        return min(times) * 1e3
+
+    print("| image | JPEG decode: simplejpeg / Pillow | resize + crop + normalise: ours (C) / Pillow's resize alone |")
+    print("|---|---|---|")
+    rng = np.random.default_rng(0)
+    for width, height in ((500, 375), (640, 480), (1600, 1200)):
+        encoded = io.BytesIO()
+        photo(width, height, rng).save(encoded, format="JPEG", quality=90)
+        data = encoded.getvalue()
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        image = Image.fromarray(pixels)
+        target = processor.resize_size(width, height)
+        crop = processor.crop_box(*target)
+        decode_ours = best(lambda: simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        decode_pillow = best(lambda: Image.open(io.BytesIO(data)).convert("RGB"))
+        resize_ours = best(lambda: fast_image.resize_crop_normalize(pixels, target, crop, processor.table))
+        resize_pillow = best(lambda: image.resize(target, Image.BICUBIC))
+        print(f"| {width} x {height} | {decode_ours:.2f} / {decode_pillow:.2f} ms | "
+              f"{resize_ours:.2f} / {resize_pillow:.2f} ms |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shortest", type=int, nargs=2, default=(300, 800), help="range of the short side (px)")
+    parser.add_argument("--stages", action="store_true", help="time each stage on three image sizes instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.stages:
+        return stages()
 
     import transformers
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
