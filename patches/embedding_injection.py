@@ -2,8 +2,10 @@
 
 megatron-core's ``LanguageModelEmbedding.forward(input_ids, position_ids, tokentype_ids=None)`` gains
 two keyword arguments, ``image_features`` [n, hidden] and ``image_mask`` [b, s] (True where a feature
-goes, row-major). The caller — the LLaVA model's own forward — passes them explicitly; nothing is
-kept in process-global state. Without them the stock embedding runs unchanged.
+goes, row-major), and optionally ``image_positions``, the number of True in the mask when the caller
+already knows it (counting a mask on a GPU waits for everything queued before). The caller — the LLaVA
+model's own forward, or generation — passes them explicitly; nothing is kept in process-global state.
+Without them the stock embedding runs unchanged.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ class ImageFeatureCountError(ValueError):
 def _inject_image_features(wrapped, instance, args, kwargs):
     image_features = kwargs.pop("image_features", None)
     image_mask = kwargs.pop("image_mask", None)
+    positions = kwargs.pop("image_positions", None)
     embeddings = wrapped(*args, **kwargs)  # [s, b, h]
     if image_features is None:
         return embeddings
     if getattr(instance.config, "sequence_parallel", False):
         raise NotImplementedError("image features cannot be injected into a sequence-parallel embedding")
     features = image_features.reshape(-1, embeddings.shape[-1])
-    positions = int(image_mask.sum())
+    if positions is None:
+        positions = int(image_mask.sum())
     if positions != features.shape[0]:
         raise ImageFeatureCountError(
             f"{positions} image positions in the sequence but {features.shape[0]} image feature vectors"

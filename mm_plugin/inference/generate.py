@@ -93,11 +93,15 @@ def stream(model, requests: Sequence[Request], config: GenerationConfig,
     decoder = IncrementalDecoder(model, padding, capacity=input_ids.shape[1] + longest)
     never = {*suppressed} | ({config.pad_token_id} if config.pad_token_id is not None else set())
     selector = TokenSelector(config, model.vocab_size, never, [p.text_ids for p in prepared], device)
+    # Host-to-device copies and counts first: from pageable memory a copy waits for the work queued before
+    # it, and so does counting a mask on the device; after the vision tower either would idle the GPU.
+    image_positions = int(image_mask.sum())
+    input_ids, image_mask = input_ids.to(device), image_mask.to(device)
     with torch.no_grad():
         features = model.image_features(torch.cat(images).to(device)) if images else None
         embeddings = model.language_model.embedding(
-            input_ids=input_ids.to(device), position_ids=None, image_features=features,
-            image_mask=image_mask.to(device) if features is not None else None)
+            input_ids=input_ids, position_ids=None, image_features=features,
+            image_mask=image_mask if features is not None else None, image_positions=image_positions)
         logits = decoder.prefill(embeddings)
 
     eos = set(config.eos_token_id or ())
