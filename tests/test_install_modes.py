@@ -85,5 +85,7 @@ def test_doctor_reports_versions_device_and_patches():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("megatron-core", "transformers", "torch", "device", "distributed", "gloo",
-                     "multimodal.embedding_injection", "Supported combination: yes"):
+                     "multimodal.embedding_injection", "Supported combination: yes",
+                     "image resize   C extension, checked equal to Pillow",
+                     "JPEG decode    simplejpeg, checked equal to Pillow"):
         assert expected in result.stdout
