@@ -9,10 +9,11 @@
  * when the height shrinks by more than twice what the width does). This file computes the same weights
  * with the same double-precision expressions in the same order, but only for the output columns and
  * rows the crop keeps: each output sample depends on its own weights alone, so skipping the cropped-away
- * ones changes nothing else. Integer sums do not depend on the order of their terms; the order of the
- * two passes does matter (the first pass rounds to bytes), so the caller says which one Pillow uses.
+ * ones changes nothing else. Integer sums do not depend on the order of their terms, which lets both
+ * passes run as multiply-adds over contiguous bytes that vectorise; the order of the two passes does
+ * matter (the first pass rounds to bytes), so the caller says which one Pillow uses.
  *
- * mm_plugin.data.images checks once per process that the results equal Pillow's on the installed
+ * mm_plugin.data.fast_image checks once per process that the results equal Pillow's on the installed
  * Pillow (a different compiler contracting a*b+c into a fused multiply-add could change a weight) and
  * falls back to Pillow otherwise.
  */
@@ -147,27 +148,53 @@ vertical_pass(const uint8_t *src, size_t src_stride, const Kernel *kernel, int r
 }
 
 /* Output columns 0 .. columns_out - 1 of a horizontal resize of `rows` RGB rows: column x sums input
- * columns kernel->first[x] + t (absolute; the band `src` starts at absolute column column_base). */
-VECTORISED static void
+ * columns kernel->first[x] + t (absolute; the band `src` starts at absolute column column_base).
+ * Rows go STRIP at a time: their input columns are first copied column by column, so that an output
+ * column is a multiply-add over STRIP * 3 contiguous bytes, which vectorises like the vertical pass. */
+#define STRIP 32
+VECTORISED static int
 horizontal_pass(const uint8_t *src, size_t src_stride, const Kernel *kernel, int column_base, int rows,
                 int columns_out, uint8_t *dst, size_t dst_stride) {
-    for (int y = 0; y < rows; y++) {
-        const uint8_t *in = src + (size_t)y * src_stride;
-        uint8_t *line = dst + (size_t)y * dst_stride;
+    const int first = kernel->first[0] - column_base;
+    const int count = kernel->first[columns_out - 1] + kernel->used[columns_out - 1] - column_base - first;
+    uint8_t *block = malloc((size_t)count * STRIP * 3);
+    int32_t sum[STRIP * 3];
+    if (!block) {
+        return 0;
+    }
+    for (int y0 = 0; y0 < rows; y0 += STRIP) {
+        const int n = rows - y0 < STRIP ? rows - y0 : STRIP, lanes = n * 3;
+        for (int r = 0; r < n; r++) {
+            const uint8_t *in = src + (size_t)(y0 + r) * src_stride + (size_t)first * 3;
+            uint8_t *cell = block + r * 3;
+            for (int c = 0; c < count; c++, in += 3, cell += STRIP * 3) {
+                cell[0] = in[0];
+                cell[1] = in[1];
+                cell[2] = in[2];
+            }
+        }
         for (int x = 0; x < columns_out; x++) {
             const int32_t *k = &kernel->weight[(size_t)x * kernel->taps];
-            const uint8_t *p = in + (size_t)(kernel->first[x] - column_base) * 3;
-            int32_t r = 1 << (FRACTION_BITS - 1), g = r, b = r;
-            for (int t = 0; t < kernel->used[x]; t++, p += 3) {
-                r += p[0] * k[t];
-                g += p[1] * k[t];
-                b += p[2] * k[t];
+            const uint8_t *column = block + (size_t)(kernel->first[x] - column_base - first) * STRIP * 3;
+            for (int s = 0; s < lanes; s++) {
+                sum[s] = 1 << (FRACTION_BITS - 1);
             }
-            line[x * 3 + 0] = to_byte(r);
-            line[x * 3 + 1] = to_byte(g);
-            line[x * 3 + 2] = to_byte(b);
+            for (int t = 0; t < kernel->used[x]; t++, column += STRIP * 3) {
+                const int32_t weight = k[t];
+                for (int s = 0; s < lanes; s++) {
+                    sum[s] += column[s] * weight;
+                }
+            }
+            for (int r = 0; r < n; r++) {
+                uint8_t *out = dst + (size_t)(y0 + r) * dst_stride + (size_t)x * 3;
+                out[0] = to_byte(sum[r * 3 + 0]);
+                out[1] = to_byte(sum[r * 3 + 1]);
+                out[2] = to_byte(sum[r * 3 + 2]);
+            }
         }
     }
+    free(block);
+    return 1;
 }
 
 /* The whole computation; returns 0 when out of memory. Pillow skips the pass of a dimension that does
@@ -207,8 +234,10 @@ resize_crop_normalize(const uint8_t *src, int height, int width, int out_width, 
             if (!middle) {
                 goto done;
             }
-            horizontal_pass(src + (size_t)row_first * stride, stride, &columns, 0, row_count, crop_width, middle,
-                            crop_stride);
+            if (!horizontal_pass(src + (size_t)row_first * stride, stride, &columns, 0, row_count, crop_width,
+                                 middle, crop_stride)) {
+                goto done;
+            }
             band = middle, band_stride = crop_stride, band_row0 = row_first;
         }
         if (resize_rows) {
@@ -243,7 +272,10 @@ resize_crop_normalize(const uint8_t *src, int height, int width, int out_width, 
             band = middle, band_stride = middle_stride, band_column0 = column_first;
         }
         if (resize_columns) {
-            horizontal_pass(band, band_stride, &columns, band_column0, crop_height, crop_width, cropped, crop_stride);
+            if (!horizontal_pass(band, band_stride, &columns, band_column0, crop_height, crop_width, cropped,
+                                 crop_stride)) {
+                goto done;
+            }
             result = cropped, result_stride = crop_stride;
         } else {
             result = band + (size_t)(left - band_column0) * 3, result_stride = band_stride;
