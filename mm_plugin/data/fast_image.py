@@ -81,10 +81,12 @@ def resample_route_agrees() -> bool:
     if _resample is None:
         return False
     identity = np.tile(np.arange(256, dtype=np.float32), (3, 1))
-    # Down- and upscaling, both pass orders, one dimension unchanged, odd crops.
+    # Down- and upscaling, both of Pillow 13's pass orders (the last two: height shrinks most), one
+    # dimension unchanged, odd crops.
     cases = [((61, 97), (40, 63), (3, 5, 33, 50)), ((150, 47), (90, 30), (10, 0, 70, 30)),
              ((40, 90), (40, 150), (0, 20, 40, 100)), ((33, 20), (120, 70), (7, 2, 100, 60)),
-             ((200, 64), (60, 19), (0, 0, 60, 19))]
+             ((200, 64), (60, 19), (0, 0, 60, 19)), ((64, 200), (60, 40), (5, 3, 50, 30)),
+             ((45, 130), (45, 50), (0, 10, 45, 40))]
     for seed, ((width, height), size, crop) in enumerate(cases):
         pixels = _test_image(height, width, seed)
         left, top, crop_width, crop_height = crop
