@@ -81,27 +81,25 @@ class LlavaModel(MegatronModule):
         ``params_dtype`` but its norms in fp32 (its training wrapper, ``Float16Module``, casts them);
         a bf16 model run without that wrapper would feed bf16 activations to fp32 norms, which CUDA's
         layer norm refuses."""
-        config = self.llava_config
-        for part, part_config in ((getattr(self, "vision_model", None), config.vision),
-                                  (getattr(self, "vision_projection", None), config.projector),
-                                  (self.language_model, config.language)):
-            if part is not None:
-                part.to(TORCH_DTYPES[part_config.params_dtype])
+        for part, part_config in self._parts():
+            part.to(TORCH_DTYPES[part_config.params_dtype])
 
     # --- freezing -----------------------------------------------------------------------------
 
     def freeze(self) -> None:
         """``requires_grad=False`` for every part whose config says ``freeze``: such parameters get
         no gradient and megatron's DDP and optimizer leave them out."""
-        for part, frozen in self._parts():
-            if part is not None and frozen:
+        for part, part_config in self._parts():
+            if part_config.freeze:
                 part.requires_grad_(False)
 
     def _parts(self):
+        """``(module, its config)`` for each part this pipeline stage holds."""
         config = self.llava_config
-        return ((getattr(self, "vision_model", None), config.vision.freeze),
-                (getattr(self, "vision_projection", None), config.projector.freeze),
-                (self.language_model, config.language.freeze))
+        parts = ((getattr(self, "vision_model", None), config.vision),
+                 (getattr(self, "vision_projection", None), config.projector),
+                 (self.language_model, config.language))
+        return [(part, part_config) for part, part_config in parts if part is not None]
 
     # --- pipeline hooks used by megatron's schedules ------------------------------------------
 
