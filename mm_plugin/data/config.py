@@ -136,6 +136,11 @@ class DataConfig:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise DataError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation set is configured (a separate file, or a held-out share of data_path)."""
+        return bool(self.valid_data_path or self.valid_fraction)
+
 
 # Published MindSpeed-MM fields that do not change what this package does.
 _IGNORED = {

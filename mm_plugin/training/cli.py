@@ -89,8 +89,7 @@ def _run_megatron_lm(args, model_config, data_config, providers, model_type):
     from mm_plugin.training.arguments import build_parser
 
     ours = build_parser()
-
-    has_validation = bool(data_config.valid_data_path or data_config.valid_fraction)
+    has_validation = data_config.has_validation
 
     def add_our_flags(parser):
         known = {option for action in parser._actions for option in action.option_strings}
