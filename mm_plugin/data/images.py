@@ -135,8 +135,8 @@ class ImageProcessor:
                                 f"max_image_pixels={self.config.max_image_pixels}")
             try:
                 if fast and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    with open(path, "rb") as file:
-                        pixels = fast_image.decode_jpeg(file.read())
+                    image.fp.seek(0)  # the file Pillow opened for the header (its load() seeks for itself)
+                    pixels = fast_image.decode_jpeg(image.fp.read())
                     if pixels is not None:
                         image.close()
                         return pixels, full_size, image.mode
