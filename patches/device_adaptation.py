@@ -26,9 +26,8 @@ import wrapt
 from torch.overrides import TorchFunctionMode
 
 from mm_plugin import device
-from .registry import Patch, wrapping
+from .registry import MEGATRON_CORE, Patch, wrapping
 
-MEGATRON = {"megatron-core": ">=0.12,<0.17"}
 
 _FACTORIES = (
     "arange", "as_tensor", "empty", "empty_like", "empty_strided", "eye", "full", "full_like",
@@ -143,14 +142,14 @@ def _module_torch(module: str) -> Patch:
         target=f"{module}:torch",
         replace=TorchOnActiveDevice,
         reason=f"{module} calls torch.cuda.* and builds tensors with device='cuda'",
-        versions=MEGATRON,
+        versions=MEGATRON_CORE,
         guard=_not_on_cuda,
     )
 
 
 def _function(name: str, target: str, wrapper, reason: str, guard=_not_on_cuda) -> Patch:
     return Patch(name=name, target=target, replace=wrapping(wrapper), reason=reason,
-                 versions=MEGATRON, guard=guard)
+                 versions=MEGATRON_CORE, guard=guard)
 
 
 def _schedule_uses_tensor_cuda(original) -> str | None:

@@ -10,7 +10,7 @@ Without them the stock embedding runs unchanged.
 
 from __future__ import annotations
 
-from .registry import Patch, wrapping
+from .registry import MEGATRON_CORE, Patch, wrapping
 
 
 class ImageFeatureCountError(ValueError):
@@ -45,6 +45,6 @@ PATCHES = [
         target="megatron.core.models.common.embeddings.language_model_embedding:LanguageModelEmbedding.forward",
         replace=wrapping(_inject_image_features),
         reason="writes projected image features into the image positions of the decoder's input embeddings",
-        versions={"megatron-core": ">=0.12,<0.17"},
+        versions=MEGATRON_CORE,
     ),
 ]

@@ -19,7 +19,7 @@ import importlib.util
 import inspect
 import sys
 
-from .registry import Patch, wrapping
+from .registry import MEGATRON_CORE, Patch, wrapping
 
 MEGATRON_012 = {"megatron-core": ">=0.12,<0.13"}
 
@@ -98,6 +98,6 @@ PATCHES = [
         target="megatron.core.parallel_state:destroy_model_parallel",
         replace=wrapping(_destroy_groups_and_forget_ranks),
         reason="destroy_model_parallel keeps the old layout's rank lists (re-initialising hangs) and leaks its groups",
-        versions={"megatron-core": ">=0.12,<0.17"},
+        versions=MEGATRON_CORE,
     ),
 ]

@@ -93,6 +93,9 @@ class Record:
 # Where a source checkout (no distribution metadata, or metadata of another copy) keeps its version.
 _VERSION_MODULES = {"megatron-core": "megatron.core.package_info"}
 
+MEGATRON_CORE = {"megatron-core": ">=0.12,<0.17"}
+"""``versions`` of a patch written for every megatron-core line this package supports."""
+
 
 def installed_version(distribution: str) -> Optional[Version]:
     """Version of what is actually imported: the module's own ``__version__`` first (a Megatron-LM
