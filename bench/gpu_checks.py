@@ -37,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import inference_speed  # noqa: E402  (bench/inference_speed.py)
 
-IMAGE_TOKENS = 576
 
 
 def flash_only(device: str):
@@ -51,10 +50,7 @@ def flash_only(device: str):
 def prompt_batch(batch: int, text_tokens: int, device: str, dtype: torch.dtype):
     """The same prompts in our layout (one -200) and Hugging Face's (576 image tokens), with images."""
     rows, images = inference_speed.inputs(batch, text_tokens, device, dtype)
-    ours = torch.tensor(rows, device=device)
-    theirs = torch.tensor([sum(([inference_speed.IMAGE_TOKEN] * IMAGE_TOKENS if t == -200 else [t] for t in row), [])
-                           for row in rows], device=device)
-    return ours, theirs, images
+    return torch.tensor(rows, device=device), inference_speed.hf_layout(rows, device), images
 
 
 def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -120,7 +116,7 @@ def training_throughput(ours, device: str, micro_batch: int, text_tokens: int, s
         if step >= 2:  # warm-up steps excluded
             times.append(time.perf_counter() - start)
     seconds = sum(times) / len(times)
-    positions = micro_batch * (ids.shape[1] - 1 + IMAGE_TOKENS)
+    positions = micro_batch * (ids.shape[1] - 1 + inference_speed.IMAGE_TOKENS)
     flops = training_flops(ours.llava_config, samples=micro_batch, positions=positions, images=micro_batch)
     return {"micro_batch": micro_batch, "positions_per_sample": positions // micro_batch, "step_s": seconds,
             "samples_per_s": micro_batch / seconds, "tflops_per_device": flops / seconds / 1e12,

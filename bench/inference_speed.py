@@ -46,6 +46,7 @@ SHAPES = {
                   num_key_value_heads=32)),
 }
 IMAGE_TOKEN = 32000
+IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches
 
 
 def build_hf(shape: str, dtype: torch.dtype, device: str):
@@ -57,7 +58,7 @@ def build_hf(shape: str, dtype: torch.dtype, device: str):
         text_config=LlamaConfig(**spec["text"], vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                 tie_word_embeddings=False),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=576)
+        image_seq_length=IMAGE_TOKENS)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype).eval()
@@ -101,14 +102,19 @@ def inputs(batch: int, text_tokens: int, device: str, dtype: torch.dtype):
     return rows, pixels
 
 
+def hf_layout(rows, device) -> torch.Tensor:
+    """Our prompts (one -200 per image) as Hugging Face's LLaVA takes them: 576 image tokens per image."""
+    return torch.tensor([sum(([IMAGE_TOKEN] * IMAGE_TOKENS if t == -200 else [t] for t in row), []) for row in rows],
+                        device=device)
+
+
 class Runner:
     def __init__(self, hf, ours, rows, pixels):
         from mm_plugin.inference.generate import Request
 
         self.hf, self.ours = hf, ours
         device = pixels.device
-        self.hf_ids = torch.tensor([sum(([IMAGE_TOKEN] * 576 if t == -200 else [t] for t in row), [])
-                                    for row in rows], device=device)
+        self.hf_ids = hf_layout(rows, device)
         self.pixels = pixels
         self.requests = [Request(row, pixels[i:i + 1]) for i, row in enumerate(rows)]
 
