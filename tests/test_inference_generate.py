@@ -218,7 +218,7 @@ def test_stream_yields_each_token_before_the_next_step_runs(models):
 
     _, model = models["gqa"]
     forwards = []
-    hook = model.language_model.output_layer.register_forward_hook(lambda *args: forwards.append(1))
+    hook = model.language_model.embedding.register_forward_hook(lambda *args: forwards.append(1))
     try:
         events = stream(model, requests_for("gqa")[:2], GenerationConfig(max_new_tokens=3))
         first = [next(events), next(events)]  # the first token of both prompts
@@ -229,3 +229,18 @@ def test_stream_yields_each_token_before_the_next_step_runs(models):
         hook.remove()
     assert len(forwards) == 3  # prompt + 2 steps: the third token needs no step after it
     assert [(e.index, e.finish_reason) for e in rest if e.token is None] == [(0, "length"), (1, "length")]
+
+
+def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_tokens(models, monkeypatch):
+    from mm_plugin.inference import cpu_linear
+
+    hf, model = models["gqa"]
+    requests = requests_for("gqa", seed=6)
+    monkeypatch.delenv("MM_PLUGIN_CPU_LINEAR", raising=False)
+    packed = [r.tokens for r in ours(model, requests)]
+    layer = model.language_model.decoder.layers[0]
+    weights = (layer.self_attention.linear_qkv.weight, layer.mlp.linear_fc2.weight, model.language_model.output_layer.weight)
+    assert all(weight in cpu_linear._PACKED for weight in weights)
+    monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "torch")
+    assert [r.tokens for r in ours(model, requests)] == packed
+    assert packed[0] == hugging_face_tokens(hf, requests[0])

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
 from mm_plugin.inference.llama_layers import forward_layers, is_plain_llama
 
@@ -102,9 +103,19 @@ class IncrementalDecoder:
                                         None if masked is None else ~masked)
             else:
                 hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
-        logits, _ = self.language_model.output_layer(hidden[-1])  # [b, vocab / TP]
+        if self.direct:
+            logits = linear_for(hidden)(hidden[-1], self._output_weight())  # [b, vocab / TP]
+        else:
+            logits, _ = self.language_model.output_layer(hidden[-1])
         # The rows that pad the vocabulary (for tensor parallelism) are no tokens.
         return _gather_vocabulary(logits)[:, : self.vocab_size].float()
+
+
+    def _output_weight(self) -> torch.Tensor:
+        language_model = self.language_model
+        if language_model.share_embeddings_and_output_weights:
+            return language_model.shared_embedding_or_output_weight()
+        return language_model.output_layer.weight
 
 
 def _gather_vocabulary(logits: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
 from mm_plugin.models.attention import SDPAttention
 
@@ -48,24 +49,25 @@ def forward_layers(language_model, hidden: torch.Tensor, cache: KVCache, attend:
     reduce = parallel_state.get_tensor_model_parallel_world_size() > 1
     length, batch = hidden.shape[:2]
     causal = attend is None and length > 1
+    linear = linear_for(hidden)
     for index, layer in enumerate(language_model.decoder.layers):
         attention, mlp = layer.self_attention, layer.mlp
         heads, groups = attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition
         dim = attention.hidden_size_per_attention_head
 
         # Attention: megatron's fused QKV rows are grouped per query group (its queries, key, value).
-        qkv = F.linear(layer.input_layernorm(hidden), attention.linear_qkv.weight).view(length, batch, groups, -1)
+        qkv = linear(layer.input_layernorm(hidden), attention.linear_qkv.weight).view(length, batch, groups, -1)
         query, key, value = qkv.split([heads // groups * dim, dim, dim], dim=-1)
         query, keys, values = cache.store(index, query.reshape(length, batch, heads, dim), key, value)
         context = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), keys, values, attn_mask=attend,
                                                  is_causal=causal, scale=1.0 / math.sqrt(dim),
                                                  enable_gqa=heads != groups)
         context = context.permute(2, 0, 1, 3).reshape(length, batch, heads * dim)
-        hidden = hidden + _all_reduce(F.linear(context, attention.linear_proj.weight), group, reduce)
+        hidden = hidden + _all_reduce(linear(context, attention.linear_proj.weight), group, reduce)
 
         # SwiGLU MLP: linear_fc1 holds [gate; up].
-        gate, up = F.linear(layer.pre_mlp_layernorm(hidden), mlp.linear_fc1.weight).chunk(2, dim=-1)
-        hidden = hidden + _all_reduce(F.linear(F.silu(gate) * up, mlp.linear_fc2.weight), group, reduce)
+        gate, up = linear(layer.pre_mlp_layernorm(hidden), mlp.linear_fc1.weight).chunk(2, dim=-1)
+        hidden = hidden + _all_reduce(linear(F.silu(gate) * up, mlp.linear_fc2.weight), group, reduce)
     return language_model.decoder.final_layernorm(hidden)
 
 

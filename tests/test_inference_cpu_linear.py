@@ -1,0 +1,48 @@
+"""The CPU linear route of inference: packed oneDNN weights, equal to ``F.linear``, repacked when a weight changes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm_plugin.inference import cpu_linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [(1,), (7,), (5, 3)])
+def test_packed_linear_computes_f_linear(dtype, tolerance, rows):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator).to(dtype)
+    x = torch.randn(*rows, 64, generator=generator).to(dtype)
+    expected = F.linear(x.float(), weight.float())
+    result = cpu_linear.packed_linear(x, weight)
+    assert result.dtype == dtype and result.shape == expected.shape
+    torch.testing.assert_close(result.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    weight = torch.nn.Parameter(torch.randn(32, 16), requires_grad=False)
+    x = torch.randn(4, 16)
+    before = cpu_linear.packed_linear(x, weight)
+    with torch.no_grad():
+        weight.mul_(-2.0)  # what load_state_dict's copy_ does to the version counter, too
+    torch.testing.assert_close(cpu_linear.packed_linear(x, weight), -2.0 * before)
+
+
+def test_a_non_contiguous_input_is_taken():
+    weight, x = torch.randn(24, 16), torch.randn(16, 6)
+    torch.testing.assert_close(cpu_linear.packed_linear(x.t(), weight), F.linear(x.t(), weight), rtol=1e-5, atol=1e-5)
+
+
+def test_the_route_follows_device_dtype_and_setting(monkeypatch):
+    monkeypatch.delenv("MM_PLUGIN_CPU_LINEAR", raising=False)
+    assert cpu_linear.linear_for(torch.zeros(1)) is cpu_linear.packed_linear
+    assert cpu_linear.linear_for(torch.zeros(1, dtype=torch.bfloat16)) is cpu_linear.packed_linear
+    assert cpu_linear.linear_for(torch.zeros(1, dtype=torch.float16)) is F.linear  # no fast fp16 GEMM on most CPUs
+    assert cpu_linear.linear_for(torch.zeros(1, device="meta")) is F.linear
+    monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "torch")
+    assert cpu_linear.linear_for(torch.zeros(1)) is F.linear
+    monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="MM_PLUGIN_CPU_LINEAR='mkl': use onednn or torch"):
+        cpu_linear.linear_for(torch.zeros(1))
