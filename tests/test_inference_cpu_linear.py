@@ -37,8 +37,8 @@ def test_a_non_contiguous_input_is_taken():
 
 def test_the_route_follows_device_dtype_and_setting(monkeypatch):
     monkeypatch.delenv("MM_PLUGIN_CPU_LINEAR", raising=False)
-    assert cpu_linear.linear_for(torch.zeros(1)) is cpu_linear.packed_linear
-    assert cpu_linear.linear_for(torch.zeros(1, dtype=torch.bfloat16)) is cpu_linear.packed_linear
+    assert cpu_linear.linear_for(torch.zeros(1)) is cpu_linear.linear
+    assert cpu_linear.linear_for(torch.zeros(1, dtype=torch.bfloat16)) is cpu_linear.linear
     assert cpu_linear.linear_for(torch.zeros(1, dtype=torch.float16)) is F.linear  # no fast fp16 GEMM on most CPUs
     assert cpu_linear.linear_for(torch.zeros(1, device="meta")) is F.linear
     monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "torch")
@@ -46,3 +46,12 @@ def test_the_route_follows_device_dtype_and_setting(monkeypatch):
     monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "mkl")
     with pytest.raises(ValueError, match="MM_PLUGIN_CPU_LINEAR='mkl': use onednn or torch"):
         cpu_linear.linear_for(torch.zeros(1))
+
+
+def test_only_products_big_enough_to_gain_are_packed():
+    small, wide = torch.randn(256, 256), torch.randn(512, 512)  # 2^16 and 2^18 elements
+    one_row, rows = torch.randn(1, 512), torch.randn(4, 512)
+    for x, weight, packed in ((torch.randn(64, 256), small, False), (one_row, wide, False), (rows, wide, True)):
+        result = cpu_linear.linear(x, weight)
+        torch.testing.assert_close(result, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+        assert (weight in cpu_linear._PACKED) is packed

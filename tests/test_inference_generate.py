@@ -156,6 +156,25 @@ def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direc
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), f"row {i}"
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_direct_image_features_are_the_megatron_modules_features(models, shape):
+    from mm_plugin.inference import direct_layers
+
+    _, model = models[shape]
+    size = SHAPES[shape]["vision"]["image_size"]
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    assert direct_layers.runs_direct(model.vision_model, model.vision_model.decoder.layers)
+    with torch.no_grad():
+        expected = model.image_features(images)
+        torch.testing.assert_close(direct_layers.image_features(model, images), expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max().item())
+    model.vision_model.train()
+    try:  # training: megatron's modules (dropout, autograd), not the direct layers
+        assert not direct_layers.runs_direct(model.vision_model, model.vision_model.decoder.layers)
+    finally:
+        model.vision_model.eval()
+
+
 def test_suppressed_ids_are_never_generated(models):
     _, model = models["gqa"]
     requests = requests_for("gqa", seed=4)
@@ -237,9 +256,12 @@ def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_t
     hf, model = models["gqa"]
     requests = requests_for("gqa", seed=6)
     monkeypatch.delenv("MM_PLUGIN_CPU_LINEAR", raising=False)
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)  # pack even a tiny model's weights
+    monkeypatch.setattr(cpu_linear, "MIN_MULTIPLY_ADDS", 0)
     packed = [r.tokens for r in ours(model, requests)]
     layer = model.language_model.decoder.layers[0]
-    weights = (layer.self_attention.linear_qkv.weight, layer.mlp.linear_fc2.weight, model.language_model.output_layer.weight)
+    weights = (layer.self_attention.linear_qkv.weight, layer.mlp.linear_fc2.weight, model.language_model.output_layer.weight,
+               model.vision_model.decoder.layers[0].mlp.linear_fc1.weight, model.vision_projection.encoder.linear_fc2.weight)
     assert all(weight in cpu_linear._PACKED for weight in weights)
     monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "torch")
     assert [r.tokens for r in ours(model, requests)] == packed

@@ -7,6 +7,11 @@ reads its weight at 8 GB/s through MKL and 26 GB/s packed (``python bench/cpu_li
 part of every x86 and Arm build of torch (torch uses it for bf16 matmuls, and its compiler for CPU
 graphs with frozen weights, which is where this packing comes from).
 
+A oneDNN call costs about 20 us more than MKL's, so small products stay with ``F.linear``: a weight of
+fewer than 2^18 elements (512 x 512), or fewer than 2^20 multiply-adds in all (a 512 x 512 weight and one
+row). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 against 34 us), ties at
+[1536, 512] x 1, wins from [512, 512] x 8 rows (70 against 114 us) up.
+
 The packed copy of a weight is made at its first use and kept beside it (weakly: it goes when the weight
 goes), and made again when the weight changes (torch's version counter of the tensor). It is a second
 copy of each matrix it packs. ``MM_PLUGIN_CPU_LINEAR=torch`` turns it off (plain ``F.linear``).
@@ -15,6 +20,7 @@ copy of each matrix it packs. ``MM_PLUGIN_CPU_LINEAR=torch`` turns it off (plain
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 _PACKED = WeakIdKeyDictionary()  # weight -> (its version when packed, the packed weight)
 _DTYPES = (torch.float32, torch.bfloat16)
+MIN_WEIGHT_ELEMENTS = 1 << 18
+MIN_MULTIPLY_ADDS = 1 << 20
 
 
 def enabled() -> bool:
@@ -34,18 +42,26 @@ def enabled() -> bool:
 
 
 def linear_for(tensor: torch.Tensor):
-    """The linear function (``f(x, weight)``, no bias) for weights of ``tensor``'s device and dtype: packed
-    oneDNN for float32 and bf16 on the CPU when :func:`enabled`, ``F.linear`` otherwise."""
+    """The linear function (``F.linear``'s signature) for weights of ``tensor``'s device and dtype:
+    :func:`linear` for float32 and bf16 on the CPU when :func:`enabled`, ``F.linear`` otherwise."""
     if tensor.device.type == "cpu" and tensor.dtype in _DTYPES and enabled():
-        return packed_linear
+        return linear
     return F.linear
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` with ``weight`` [out, in] packed for oneDNN (packed at first use, again if it changed)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: packed oneDNN for a product big enough to gain from it, else ``F.linear``."""
+    rows = x.numel() // x.shape[-1]
+    if weight.numel() < MIN_WEIGHT_ELEMENTS or rows * weight.numel() < MIN_MULTIPLY_ADDS:
+        return F.linear(x, weight, bias)
+    return packed_linear(x, weight, bias)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with ``weight`` [out, in] packed for oneDNN (packed at first use, again if it changed)."""
     entry = _PACKED.get(weight)
     if entry is None or entry[0] != weight._version:
         with torch.no_grad():
             entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         _PACKED[weight] = entry
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [], "")

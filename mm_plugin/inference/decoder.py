@@ -5,8 +5,8 @@
 this drives the model's parts itself: the embedding; the decoder layers without their rotary
 embedding (the :class:`KVCache` rotates queries and keys at each token's true position and supplies
 the keys and values of earlier positions); the output layer on the last position only. The layers
-run as plain tensor operations on their own weights (:mod:`.llama_layers`) when the decoder is the
-plain LLaMA of LLaVA-1.5 with SDPA attention, through megatron's modules otherwise.
+run as plain tensor operations on their own weights (:mod:`.direct_layers`) where those describe them
+(LLaVA-1.5's LLaMA with SDPA attention), through megatron's modules otherwise.
 
 Batches are left-padded: every row ends at the same column, so each step appends one column for
 all rows. Each row's positions count from its first real token (``column - padding``), exactly the
@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 
 from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
-from mm_plugin.inference.llama_layers import forward_layers, is_plain_llama
+from mm_plugin.inference.direct_layers import cached_attention, forward_layers, runs_direct
 
 
 class IncrementalDecoder:
@@ -32,7 +32,7 @@ class IncrementalDecoder:
 
     def __init__(self, model, padding: torch.Tensor, capacity: int, direct: Optional[bool] = None):
         """``padding``: [b] left-padding columns of each row. ``direct``: run the layers as
-        :func:`~mm_plugin.inference.llama_layers.forward_layers` (default: where it applies) rather than
+        :func:`~mm_plugin.inference.direct_layers.forward_layers` (default: where it applies) rather than
         through megatron's modules."""
         self.language_model = language_model = model.language_model
         self.vocab_size = model.vocab_size
@@ -54,9 +54,9 @@ class IncrementalDecoder:
         self.key_is_padding = columns[None, :] < self.padding[:, None]  # [b, capacity]
         self.positions = (columns[None, :] - self.padding[:, None]).clamp(min=0)  # [b, capacity]
         self.padded = bool(padding.any())
-        supported = is_plain_llama(language_model)
+        supported = runs_direct(language_model, language_model.decoder.layers)
         if direct and not supported:
-            raise ValueError("direct layers need a plain LLaMA decoder with SDPA attention")
+            raise ValueError("direct layers need a decoder that direct_layers.runs_direct describes (SDPA attention)")
         self.direct = supported if direct is None else direct
 
     @torch.no_grad()
@@ -99,8 +99,8 @@ class IncrementalDecoder:
         decoder = self.language_model.decoder
         with self.cache.forward(angles, None if self.direct else decoder.layers):
             if self.direct:
-                hidden = forward_layers(self.language_model, embeddings, self.cache,
-                                        None if masked is None else ~masked)
+                attention = cached_attention(self.cache, None if masked is None else ~masked)
+                hidden = decoder.final_layernorm(forward_layers(decoder.layers, embeddings, attention))
             else:
                 hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
         if self.direct:
@@ -109,7 +109,6 @@ class IncrementalDecoder:
             logits, _ = self.language_model.output_layer(hidden[-1])
         # The rows that pad the vocabulary (for tensor parallelism) are no tokens.
         return _gather_vocabulary(logits)[:, : self.vocab_size].float()
-
 
     def _output_weight(self) -> torch.Tensor:
         language_model = self.language_model

@@ -19,6 +19,7 @@ import torch
 
 from mm_plugin.config.model import IMAGE_TOKEN_INDEX
 from mm_plugin.inference.decoder import IncrementalDecoder
+from mm_plugin.inference.direct_layers import image_features
 from mm_plugin.inference.sampling import GenerationConfig, TokenSelector
 from mm_plugin.models.image_tokens import ImageTokenError
 
@@ -98,7 +99,7 @@ def stream(model, requests: Sequence[Request], config: GenerationConfig,
     image_positions = int(image_mask.sum())
     input_ids, image_mask = input_ids.to(device), image_mask.to(device)
     with torch.no_grad():
-        features = model.image_features(torch.cat(images).to(device)) if images else None
+        features = image_features(model, torch.cat(images).to(device)) if images else None
         embeddings = model.language_model.embedding(
             input_ids=input_ids, position_ids=None, image_features=features,
             image_mask=image_mask if features is not None else None, image_positions=image_positions)

@@ -5,8 +5,8 @@ core attention. The decoder is run here without a rotary embedding. For each for
 the rotary angles of the new positions (computed once, not per layer); :meth:`KVCache.store` rotates a
 layer's queries and keys at each token's true position, writes the keys and values into the cache and
 returns everything cached so far. :meth:`KVCache.attached` calls it from a forward pre-hook on every
-layer's core attention, so megatron's layers run unchanged with the whole history; the direct decode
-step (:mod:`~mm_plugin.inference.direct_step`) calls it itself.
+layer's core attention, so megatron's layers run unchanged with the whole history; the direct layers
+(:func:`~mm_plugin.inference.direct_layers.cached_attention`) call it themselves.
 
 The buffers are laid out ``[layers, batch, groups, capacity, head_dim]``, scaled-dot-product
 attention's layout: a step writes one column, and the history is one strided view, no copy.

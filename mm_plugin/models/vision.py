@@ -44,12 +44,20 @@ class CLIPVisionTower(MegatronModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` [n, 3, H, W] -> features [n, tokens, hidden] (class token dropped for ``patch``)."""
-        patches = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.class_token.expand(patches.shape[0], -1, -1), patches], dim=1)
-        tokens = self.ln_pre(tokens + self.position_embeddings.weight)
+        tokens = self.embed(images)
         mask = None
         if self.explicit_no_mask:
-            mask = torch.zeros(1, 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
-        hidden = self.decoder(tokens.transpose(0, 1).contiguous(), attention_mask=mask)  # [s, n, h]
+            mask = torch.zeros(1, 1, tokens.shape[0], tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        return self.select(self.decoder(tokens, attention_mask=mask))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` [n, 3, H, W] -> the layers' input [s, n, hidden]: patches after the class token, with
+        position embeddings, normalised."""
+        patches = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        return self.ln_pre(tokens + self.position_embeddings.weight).transpose(0, 1).contiguous()
+
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layers' output [s, n, hidden] -> the features LLaVA takes [n, tokens, hidden]."""
         hidden = hidden.transpose(0, 1)
         return (hidden if self.keep_class_token else hidden[:, self.class_token_len:]).contiguous()

@@ -1,0 +1,126 @@
+"""Inference through megatron-core's transformer layers as plain tensor operations on their own parameters.
+
+A decode step is one token per row, and at batch 1 a whole prompt on a GPU is little arithmetic for
+many kernels: the time goes to the host. megatron-core's layer modules make about a dozen
+autograd-Function calls and many more module calls per layer, even under ``no_grad``. For the layers
+LLaVA-1.5 has this computes the same operations directly: the layers' own norm modules and weights,
+megatron's fused-QKV layout, scaled-dot-product attention, biases where the layer has them (a
+row-parallel bias after the tensor-parallel all-reduce, as megatron adds it), the MLP's activation
+(gated or not). The language model's layers rotate queries and keys and read earlier positions through
+the :class:`~mm_plugin.inference.kv_cache.KVCache`; the vision tower's attend to all patches. On the
+CPU the matrix products take the packed oneDNN route (:mod:`~mm_plugin.inference.cpu_linear`).
+
+:func:`runs_direct` says when that description holds; otherwise megatron's modules run (with the cache
+attached to them), e.g. with megatron's local attention, which MindSpeed replaces on NPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from mm_plugin.inference.cpu_linear import linear_for
+from mm_plugin.inference.kv_cache import KVCache
+from mm_plugin.models.attention import SDPAttention
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(layer index, query [s, b, heads, dim], key, value [s, b, groups, dim]) -> context [s, b, heads * dim]``."""
+
+
+def runs_direct(module, layers: torch.nn.ModuleList) -> bool:
+    """Whether ``layers`` (of ``module``, in eval mode) compute what :func:`forward_layers` computes."""
+    config = module.config
+    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+    return (
+        not module.training and mlp_runs_direct(config)
+        and config.softmax_scale is None and not config.qk_layernorm and not config.sequence_parallel
+        and not config.fp32_residual_connection and not config.apply_residual_connection_post_layernorm
+        and not getattr(config, "multi_latent_attention", False) and not getattr(config, "attention_output_gate", False)
+        and config.num_query_groups % tensor_parallel == 0
+        and all(isinstance(layer.self_attention.core_attention, SDPAttention) for layer in layers)
+    )
+
+
+def mlp_runs_direct(config) -> bool:
+    """Whether a megatron MLP of ``config`` computes ``fc2(act(fc1(x)))`` (or the gated ``act(a) * b``)."""
+    fused_differently = config.bias_activation_fusion and not (config.gated_linear_unit and config.activation_func is F.silu)
+    return (not fused_differently and not getattr(config, "use_te_activation_func", False)
+            and getattr(config, "glu_linear_offset", 0.0) == 0.0
+            and getattr(config, "activation_func_clamp_value", None) is None)
+
+
+def forward_layers(layers: torch.nn.ModuleList, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """``hidden`` [s, b, h] through ``layers`` (pre-norm attention and MLP, each with its residual)."""
+    linear = linear_for(hidden)
+    for index, layer in enumerate(layers):
+        attention = layer.self_attention
+        heads, groups = attention.num_attention_heads_per_partition, attention.num_query_groups_per_partition
+        dim = attention.hidden_size_per_attention_head
+        length, batch = hidden.shape[:2]
+        # megatron's fused QKV rows are grouped per query group (its queries, key, value).
+        qkv = linear(layer.input_layernorm(hidden), attention.linear_qkv.weight, attention.linear_qkv.bias)
+        query, key, value = qkv.view(length, batch, groups, -1).split([heads // groups * dim, dim, dim], dim=-1)
+        context = attend(index, query.reshape(length, batch, heads, dim), key, value)
+        hidden = hidden + _row_parallel(linear, context, attention.linear_proj)
+        hidden = hidden + mlp_forward(layer.mlp, layer.pre_mlp_layernorm(hidden), linear)
+    return hidden
+
+
+def mlp_forward(mlp, x: torch.Tensor, linear=None) -> torch.Tensor:
+    """A megatron ``MLP`` (see :func:`mlp_runs_direct`) on ``x``, its output bias included."""
+    linear = linear or linear_for(x)
+    intermediate = linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+    if mlp.config.gated_linear_unit:  # linear_fc1 holds [gate; up]
+        gate, up = intermediate.chunk(2, dim=-1)
+        intermediate = mlp.config.activation_func(gate) * up
+    else:
+        intermediate = mlp.config.activation_func(intermediate)
+    return _row_parallel(linear, intermediate, mlp.linear_fc2)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+         is_causal: bool = False) -> torch.Tensor:
+    """Attention of ``query`` [b, heads, s, dim] over ``key``, ``value`` [b, groups, positions, dim] -> [s, b, heads * dim]."""
+    heads, dim = query.shape[1], query.shape[-1]
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                             scale=1.0 / math.sqrt(dim), enable_gqa=heads != key.shape[1])
+    return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], heads * dim)
+
+
+def cached_attention(cache: KVCache, attend: Optional[torch.Tensor]) -> Attend:
+    """The language model's attention: rotated at true positions, over the cache. ``attend``: [b, 1, s, positions]
+    bool, True where a query may see a key; None: a whole prompt, causal, or one new position, which sees all.
+    Call inside ``cache.forward(angles)``."""
+
+    def run(index, query, key, value):
+        query, keys, values = cache.store(index, query, key, value)
+        return sdpa(query.permute(1, 2, 0, 3), keys, values, attend, is_causal=attend is None and query.shape[0] > 1)
+
+    return run
+
+
+def full_attention(index, query, key, value) -> torch.Tensor:
+    """Every position sees every position (the vision tower)."""
+    return sdpa(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))
+
+
+def image_features(model, images: torch.Tensor) -> torch.Tensor:
+    """``model.image_features(images)``: vision tower and projector, directly where :func:`runs_direct` holds."""
+    vision, projector = model.vision_model, model.vision_projection
+    if not (runs_direct(vision, vision.decoder.layers) and getattr(projector, "projector_type", None) == "mlp"
+            and mlp_runs_direct(projector.config)):
+        return model.image_features(images)
+    hidden = forward_layers(vision.decoder.layers, vision.embed(images), full_attention)
+    return mlp_forward(projector.encoder, vision.select(hidden))
+
+
+def _row_parallel(linear, x: torch.Tensor, module) -> torch.Tensor:
+    """A row-parallel layer: the ranks' partial products summed, then its bias (added once, as megatron does)."""
+    output = linear(x, module.weight)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(output, group=parallel_state.get_tensor_model_parallel_group())
+    return output if module.bias is None else output + module.bias
