@@ -13,6 +13,8 @@ import importlib.metadata
 import importlib.util
 import sys
 
+import torch
+
 from mm_plugin import device, patches, versions
 
 
@@ -69,6 +71,19 @@ def _image_routes() -> list[str]:
     return [f"  image resize   {resize}", f"  JPEG decode    {jpeg}"]
 
 
+def _cpu_linear_route() -> str:
+    """Which route generation's CPU matrix products take (see mm_plugin/inference/cpu_linear.py)."""
+    from mm_plugin.inference import cpu_linear
+
+    try:
+        route = ("oneDNN, weights packed once" if cpu_linear.enabled() else
+                 "torch F.linear (" + ("MM_PLUGIN_CPU_LINEAR=torch" if torch.backends.mkldnn.is_available()
+                                       else "this torch has no oneDNN") + ")")
+    except ValueError as error:
+        route = f"invalid setting: {error}"
+    return f"  CPU linear     {route}"
+
+
 def report() -> tuple[str, bool]:
     lines, ok = [], True
     components = versions.components(imported=True)
@@ -93,6 +108,7 @@ def report() -> tuple[str, bool]:
     lines.append(f"  device         {device.current()} ({device.kind()})")
     lines.append(f"  distributed    {device.distributed_backend()}")
     lines.extend(_image_routes())
+    lines.append(_cpu_linear_route())
     lines.append("")
     _import_patch_targets()
     lines.append("Patches")

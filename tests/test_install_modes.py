@@ -81,11 +81,13 @@ def test_editable_install(tmp_path):
 
 def test_doctor_reports_versions_device_and_patches():
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("MM_PLUGIN_CPU_LINEAR", None)
     result = subprocess.run([sys.executable, "-m", "mm_plugin", "doctor"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     for expected in ("megatron-core", "transformers", "torch", "device", "distributed", "gloo",
                      "multimodal.embedding_injection", "Supported combination: yes",
                      "image resize   C extension, checked equal to Pillow",
-                     "JPEG decode    simplejpeg, checked equal to Pillow"):
+                     "JPEG decode    simplejpeg, checked equal to Pillow",
+                     "CPU linear     oneDNN, weights packed once"):
         assert expected in result.stdout
