@@ -55,3 +55,18 @@ def test_only_products_big_enough_to_gain_are_packed():
         result = cpu_linear.linear(x, weight)
         torch.testing.assert_close(result, F.linear(x, weight), rtol=1e-5, atol=1e-4)
         assert (weight in cpu_linear._PACKED) is packed
+
+
+def test_no_packing_when_it_would_leave_too_little_memory(monkeypatch):
+    assert cpu_linear.memory()[0] is not None  # Linux: /proc/meminfo
+    weight, x = torch.randn(1024, 512), torch.randn(8, 512)
+    monkeypatch.setattr(cpu_linear, "memory", lambda: (weight.numel() * 4 + (1 << 30), 64 << 30))  # 1 GiB left after
+    with pytest.warns(RuntimeWarning, match="no longer packed"):
+        result = cpu_linear.linear(x, weight)
+    torch.testing.assert_close(result, F.linear(x, weight))
+    assert cpu_linear._PACKED[weight][1] is None
+    monkeypatch.setattr(cpu_linear, "memory", lambda: (64 << 30, 64 << 30))
+    with torch.no_grad():
+        weight.mul_(2.0)  # a changed weight is considered again
+    torch.testing.assert_close(cpu_linear.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    assert cpu_linear._PACKED[weight][1] is not None

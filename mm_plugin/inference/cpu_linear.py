@@ -14,12 +14,14 @@ row). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 
 
 The packed copy of a weight is made at its first use and kept beside it (weakly: it goes when the weight
 goes), and made again when the weight changes (torch's version counter of the tensor). It is a second
-copy of each matrix it packs. ``MM_PLUGIN_CPU_LINEAR=torch`` turns it off (plain ``F.linear``).
+copy of each matrix it packs; when packing one more would leave less than an eighth of the machine's
+memory available, the remaining matrices stay unpacked (with a warning). ``MM_PLUGIN_CPU_LINEAR=torch`` turns it off (plain ``F.linear``).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -50,18 +52,55 @@ def linear_for(tensor: torch.Tensor):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: packed oneDNN for a product big enough to gain from it, else ``F.linear``."""
+    """``F.linear(x, weight, bias)``: packed oneDNN for a product big enough to gain from it (and a weight
+    there is memory to pack), else ``F.linear``."""
     rows = x.numel() // x.shape[-1]
     if weight.numel() < MIN_WEIGHT_ELEMENTS or rows * weight.numel() < MIN_MULTIPLY_ADDS:
         return F.linear(x, weight, bias)
-    return packed_linear(x, weight, bias)
+    packed = _packed(weight, check_memory=True)
+    return F.linear(x, weight, bias) if packed is None else _run(x, packed, bias)
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with ``weight`` [out, in] packed for oneDNN (packed at first use, again if it changed)."""
+    """``F.linear(x, weight, bias)`` with ``weight`` [out, in] packed for oneDNN (packed at first use, again if
+    it changed), whatever its size and the memory left."""
+    return _run(x, _packed(weight, check_memory=False), bias)
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def _packed(weight: torch.Tensor, check_memory: bool) -> Optional[torch.Tensor]:
+    """``weight``'s packed copy, made now if it has none or it changed since; None where ``check_memory``
+    found no room for it (that weight then stays unpacked until it changes)."""
     entry = _PACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        with torch.no_grad():
-            entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-        _PACKED[weight] = entry
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [], "")
+    if entry is None or entry[0] != weight._version or (entry[1] is None and not check_memory):
+        packed = None
+        if not check_memory or _room_for(weight.numel() * weight.element_size()):
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        entry = _PACKED[weight] = (weight._version, packed)
+    return entry[1]
+
+
+def _room_for(size: int) -> bool:
+    """Whether a copy of ``size`` bytes leaves at least an eighth of the machine's memory (1 GiB at least)
+    available. A model that only just fits keeps running, unpacked, instead of running out of memory."""
+    available, total = memory()
+    if available is None or available - size >= max(1 << 30, total // 8):
+        return True
+    warnings.warn(f"mm_plugin: {available / 2**30:.1f} GiB of memory available; matrices are no longer packed "
+                  "for oneDNN (their products run through F.linear, slower on AMD processors). "
+                  "MM_PLUGIN_CPU_LINEAR=torch turns packing off altogether.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def memory() -> tuple[Optional[int], int]:
+    """(available, total) bytes of memory from ``/proc/meminfo``; (None, 0) where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as file:
+            fields = dict(line.split(":", 1) for line in file)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None, 0
