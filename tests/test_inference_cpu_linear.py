@@ -70,3 +70,12 @@ def test_no_packing_when_it_would_leave_too_little_memory(monkeypatch):
         weight.mul_(2.0)  # a changed weight is considered again
     torch.testing.assert_close(cpu_linear.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-4)
     assert cpu_linear._PACKED[weight][1] is not None
+
+
+def test_a_product_autograd_records_is_not_packed():
+    weight, x = torch.nn.Parameter(torch.randn(1024, 512)), torch.randn(8, 512)
+    cpu_linear.linear(x, weight).sum().backward()
+    assert weight.grad is not None and weight not in cpu_linear._PACKED
+    with torch.no_grad():
+        cpu_linear.linear(x, weight)
+    assert weight in cpu_linear._PACKED

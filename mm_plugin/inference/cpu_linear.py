@@ -53,9 +53,11 @@ def linear_for(tensor: torch.Tensor):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: packed oneDNN for a product big enough to gain from it (and a weight
-    there is memory to pack), else ``F.linear``."""
+    there is memory to pack), else ``F.linear``. oneDNN's product has no backward: a product autograd
+    must record runs through ``F.linear``."""
     rows = x.numel() // x.shape[-1]
-    if weight.numel() < MIN_WEIGHT_ELEMENTS or rows * weight.numel() < MIN_MULTIPLY_ADDS:
+    if (weight.numel() < MIN_WEIGHT_ELEMENTS or rows * weight.numel() < MIN_MULTIPLY_ADDS
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.linear(x, weight, bias)
     packed = _packed(weight, check_memory=True)
     return F.linear(x, weight, bias) if packed is None else _run(x, packed, bias)
