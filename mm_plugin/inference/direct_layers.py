@@ -120,7 +120,8 @@ def image_features(model, images: torch.Tensor) -> torch.Tensor:
 
 def _row_parallel(linear, x: torch.Tensor, module) -> torch.Tensor:
     """A row-parallel layer: the ranks' partial products summed, then its bias (added once, as megatron does)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return linear(x, module.weight, module.bias)
     output = linear(x, module.weight)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(output, group=parallel_state.get_tensor_model_parallel_group())
+    torch.distributed.all_reduce(output, group=parallel_state.get_tensor_model_parallel_group())
     return output if module.bias is None else output + module.bias
