@@ -1,9 +1,9 @@
 """Inference's matrix products on the CPU: oneDNN, each weight packed once into its blocked layout.
 
 torch sends a float32 CPU matmul to MKL, which on AMD processors does not reach the machine's speed: on
-the benchmark machine's 2 Zen 4 cores, the prompt's GEMMs run at 115-153 GFLOP/s through MKL and at
-187-206 through oneDNN with a packed weight, and the output layer's one-row product (a decode step)
-reads its weight at 8 GB/s through MKL and 26 GB/s packed (``python bench/cpu_linear.py``). oneDNN is
+the benchmark machine's 2 Zen 4 cores, the prompt's GEMMs run at 115-170 GFLOP/s through MKL and at
+180-205 through oneDNN with a packed weight, and the output layer's one-row product (a decode step)
+reads its weight at 9-10 GB/s through MKL and 24 GB/s packed (``python bench/cpu_linear.py``). oneDNN is
 part of every x86 and Arm build of torch (torch uses it for bf16 matmuls, and its compiler for CPU
 graphs with frozen weights, which is where this packing comes from).
 
@@ -15,7 +15,8 @@ row). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 
 The packed copy of a weight is made at its first use and kept beside it (weakly: it goes when the weight
 goes), and made again when the weight changes (torch's version counter of the tensor). It is a second
 copy of each matrix it packs; when packing one more would leave less than an eighth of the machine's
-memory available, the remaining matrices stay unpacked (with a warning). ``MM_PLUGIN_CPU_LINEAR=torch`` turns it off (plain ``F.linear``).
+memory available, the remaining matrices stay unpacked (with a warning). ``MM_PLUGIN_CPU_LINEAR=torch``
+turns it off (plain ``F.linear``).
 """
 
 from __future__ import annotations
