@@ -7,9 +7,9 @@ reads its weight at 9-10 GB/s through MKL and 24 GB/s packed (``python bench/cpu
 part of every x86 and Arm build of torch (torch uses it for bf16 matmuls, and its compiler for CPU
 graphs with frozen weights, which is where this packing comes from).
 
-A oneDNN call costs about 20 us more than MKL's, so small products stay with ``F.linear``: a weight of
-fewer than 2^18 elements (512 x 512), or fewer than 2^20 multiply-adds in all (a 512 x 512 weight and one
-row). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 against 34 us), ties at
+A oneDNN call costs about 20 us more than MKL's, so small products stay with ``F.linear``: a weight under
+2^18 elements (smaller than 512 x 512), or a product under 2^20 multiply-adds (one row through a 512 x 1376
+weight, say). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 against 34 us), ties at
 [1536, 512] x 1, wins from [512, 512] x 8 rows (70 against 114 us) up.
 
 The packed copy of a weight is made at its first use and kept beside it (weakly: it goes when the weight
