@@ -13,8 +13,6 @@ import importlib.metadata
 import importlib.util
 import sys
 
-import torch
-
 from mm_plugin import device, patches, versions
 
 
@@ -77,7 +75,7 @@ def _cpu_linear_route() -> str:
 
     try:
         route = ("oneDNN, weights packed once" if cpu_linear.enabled() else
-                 "torch F.linear (" + ("MM_PLUGIN_CPU_LINEAR=torch" if torch.backends.mkldnn.is_available()
+                 "torch F.linear (" + ("MM_PLUGIN_CPU_LINEAR=torch" if cpu_linear.has_onednn()
                                        else "this torch has no oneDNN") + ")")
     except ValueError as error:
         route = f"invalid setting: {error}"

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mm_plugin.inference import cpu_linear
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+pytestmark = pytest.mark.skipif(not cpu_linear.has_onednn(), reason="this torch has no oneDNN")
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

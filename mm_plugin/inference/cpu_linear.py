@@ -21,6 +21,7 @@ turns it off (plain ``F.linear``).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Optional
@@ -41,7 +42,17 @@ def enabled() -> bool:
     choice = os.environ.get("MM_PLUGIN_CPU_LINEAR", "onednn")
     if choice not in ("onednn", "torch"):
         raise ValueError(f"MM_PLUGIN_CPU_LINEAR={choice!r}: use onednn or torch")
-    return choice == "onednn" and torch.backends.mkldnn.is_available()
+    return choice == "onednn" and has_onednn()
+
+
+@functools.lru_cache(maxsize=None)
+def has_onednn() -> bool:
+    """Whether this torch has oneDNN and the two operators used here (torch's own compiler uses them)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available()
 
 
 def linear_for(tensor: torch.Tensor):
