@@ -1,16 +1,18 @@
 """Inference's matrix products on the CPU: oneDNN, each weight packed once into its blocked layout.
 
 torch sends a float32 CPU matmul to MKL, which on AMD processors does not reach the machine's speed: on
-the benchmark machine's 2 Zen 4 cores, the prompt's GEMMs run at 115-170 GFLOP/s through MKL and at
-180-205 through oneDNN with a packed weight, and the output layer's one-row product (a decode step)
-reads its weight at 9-10 GB/s through MKL and 24 GB/s packed (``python bench/cpu_linear.py``). oneDNN is
+the benchmark machine's 2 Zen 4 cores, the prompt's GEMMs run at 126-168 GFLOP/s through MKL and at
+168-206 through oneDNN with a packed weight, and the output layer's one-row product (a decode step)
+reads its weight at 10.5 GB/s through MKL and 24.3 GB/s packed (``python bench/cpu_linear.py``, in
+BENCHMARKS.md). oneDNN is
 part of every x86 and Arm build of torch (torch uses it for bf16 matmuls, and its compiler for CPU
 graphs with frozen weights, which is where this packing comes from).
 
-A oneDNN call costs about 20 us more than MKL's, so small products stay with ``F.linear``: a weight under
+A oneDNN call has a larger fixed cost than MKL's, so small products stay with ``F.linear``: a weight under
 2^18 elements (smaller than 512 x 512), or a product under 2^20 multiply-adds (one row through a 512 x 1376
-weight, say). Measured crossovers, same machine: packed loses at [512, 512] x 1 row (45 against 34 us), ties at
-[1536, 512] x 1, wins from [512, 512] x 8 rows (70 against 114 us) up.
+weight, say). In that table packed loses at [512, 512] x 1 row (0.79x), is about even at [512, 1376] x 1
+(1.08x) and gains on every matrix with 8 rows (1.28-3.81x); [1536, 512] x 1 measured between even
+and 1.44x in different runs and stays with ``F.linear``.
 
 The packed copy of a weight is made at its first use and kept beside it (weakly: it goes when the weight
 goes), and made again when the weight changes (torch's version counter of the tensor). It is a second
