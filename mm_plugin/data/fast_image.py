@@ -41,8 +41,11 @@ def pillow_vertical_first(width: int, height: int, out_width: int, out_height: i
 def decode_jpeg(data: bytes) -> Optional[np.ndarray]:
     """``[H, W, 3]`` uint8 RGB of a baseline or progressive YCbCr/grayscale JPEG, or None where this route is
     off or the data is anything simplejpeg will not decode cleanly (the caller then lets Pillow decide)."""
-    if not jpeg_route_agrees():
-        return None
+    return _decode_jpeg(data) if jpeg_route_agrees() else None
+
+
+def _decode_jpeg(data: bytes) -> Optional[np.ndarray]:
+    """simplejpeg with Pillow's settings (exact DCT and upsampling); None where it will not decode cleanly."""
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
     except (ValueError, RuntimeError):
@@ -110,10 +113,7 @@ def jpeg_route_agrees() -> bool:
         image.save(encoded, format="JPEG", quality=90, subsampling=subsampling, progressive=seed % 2 == 1)
         data = encoded.getvalue()
         expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        try:
-            decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
-        except (ValueError, RuntimeError):
-            decoded = None
+        decoded = _decode_jpeg(data)
         if decoded is None or not np.array_equal(decoded, expected):
             warnings.warn(f"simplejpeg {simplejpeg.__version__} decodes JPEGs differently from Pillow "
                           f"{PIL.__version__} on this machine; JPEGs are decoded with Pillow (same result, slower)",
