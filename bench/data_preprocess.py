@@ -76,8 +76,6 @@ def stages(rounds: int = 7) -> None:
     normalise in one C call vs Pillow's resize alone; best of ``rounds``."""
     import io
 
-    import simplejpeg
-
     from mm_plugin.data import fast_image
 
     processor = ImageProcessor(ImagePreprocessConfig())
@@ -97,11 +95,11 @@ def stages(rounds: int = 7) -> None:
         encoded = io.BytesIO()
         photo(width, height, rng).save(encoded, format="JPEG", quality=90)
         data = encoded.getvalue()
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        pixels = fast_image.decode_jpeg(data)
         image = Image.fromarray(pixels)
         target = processor.resize_size(width, height)
         crop = processor.crop_box(*target)
-        decode_ours = best(lambda: simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        decode_ours = best(lambda: fast_image.decode_jpeg(data))
         decode_pillow = best(lambda: Image.open(io.BytesIO(data)).convert("RGB"))
         resize_ours = best(lambda: fast_image.resize_crop_normalize(pixels, target, crop, processor.table))
         resize_pillow = best(lambda: image.resize(target, Image.BICUBIC))

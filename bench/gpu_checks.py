@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import inference_speed  # noqa: E402  (bench/inference_speed.py)
 
 
-
 def flash_only(device: str):
     if device != "cuda":
         return contextlib.nullcontext()
