@@ -14,6 +14,12 @@ tokens, all of the same length. Measured, interleaving the two implementations, 
 Both are greedy; the report says whether they chose the same tokens. Medians are reported (and minima in
 the JSON), with the machine and its load before and after.
 
+``--count-operations`` reports instead how many tensor operations each implementation dispatches (views
+not counted: each counted one is a kernel launch on a GPU) for the first token and per decode step. At
+batch 1 a GPU's first token is mostly launch and host time, so this count, the same on any machine for a
+given device type, tells what a GPU run will weigh. Shape ``7b-layers`` has LLaVA-1.5-7B's layers and heads
+at tiny widths, so counting its operations is quick on a CPU.
+
 ``--clock thread`` measures the CPU time of the calling thread with one torch thread (``--threads`` is
 ignored): on a machine shared with other work, wall-clock times swing with the load, while the CPU
 time a computation takes barely does.
@@ -30,6 +36,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +46,11 @@ SHAPES = {
         vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
         text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8)),
+    # LLaVA-1.5-7B's layers and heads (CLIP 24 x 16, LLaMA 32 x 32) at tiny widths: the 7B's operation count.
+    "7b-layers": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=24, num_attention_heads=16),
+        text=dict(hidden_size=128, intermediate_size=344, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32)),
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 and Vicuna-7B.
     "7b": dict(
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
@@ -173,6 +185,32 @@ def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
     return result
 
 
+class _OperationCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not (func.is_view or func is torch.ops.aten._unsafe_view.default)
+        return func(*args, **(kwargs or {}))
+
+
+def operations(function, *args) -> int:
+    """Tensor operations ``function(*args)`` dispatches, views not counted."""
+    with _OperationCount() as counter:
+        function(*args)
+    return counter.count
+
+
+def count_operations(runner: Runner, new_tokens: int) -> dict:
+    result = {}
+    for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+        function(2)  # warm-up, as for the timings
+        first = operations(function, 1)
+        result[name] = {"first_token": first, "per_decode_step": (operations(function, new_tokens) - first) / (new_tokens - 1)}
+    return result
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg()}
@@ -229,6 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    parser.add_argument("--count-operations", action="store_true",
+                        help="count dispatched tensor operations instead of timing")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
     global CLOCK
@@ -242,8 +282,19 @@ def main(argv=None) -> int:
 
     hf = build_hf(args.shape, TORCH_DTYPES[args.dtype], args.device)
     ours = build_ours(hf, args.dtype)
-    report = benchmark(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
-                       args.repeats, args.device, args.clock)
+    if args.count_operations:
+        report = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "counts": {}}
+        print(f"{args.shape}, {args.device}, {args.dtype}: tensor operations dispatched (views not counted)")
+        print("| batch | first token ours | first token HF | per decode step ours | per decode step HF |")
+        print("|---|---|---|---|---|")
+        for batch in args.batch:
+            rows, pixels = inputs(batch, args.text_tokens, args.device, TORCH_DTYPES[args.dtype])
+            counts = report["counts"][batch] = count_operations(Runner(hf, ours, rows, pixels), args.new_tokens)
+            print(f"| {batch} | {counts['ours']['first_token']} | {counts['hf']['first_token']} | "
+                  f"{counts['ours']['per_decode_step']:.0f} | {counts['hf']['per_decode_step']:.0f} |")
+    else:
+        report = benchmark(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
+                           args.repeats, args.device, args.clock)
     if args.output:
         with open(args.output, "w") as file:
             json.dump(report, file, indent=2)

@@ -27,8 +27,9 @@ from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
 from mm_plugin.models.attention import SDPAttention
 
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(layer index, query [s, b, heads, dim], key, value [s, b, groups, dim]) -> context [s, b, heads * dim]``."""
+Attend = Callable[[int, torch.Tensor], torch.Tensor]
+"""``(layer index, qkv [s, b, groups, heads / groups + 2, dim]) -> context [s, b, heads * dim]``: each query
+group's queries, then its key, then its value (megatron's fused-QKV layout)."""
 
 
 def runs_direct(module, layers: torch.nn.ModuleList) -> bool:
@@ -63,8 +64,7 @@ def forward_layers(layers: torch.nn.ModuleList, hidden: torch.Tensor, attend: At
         length, batch = hidden.shape[:2]
         # megatron's fused QKV rows are grouped per query group (its queries, key, value).
         qkv = linear(layer.input_layernorm(hidden), attention.linear_qkv.weight, attention.linear_qkv.bias)
-        query, key, value = qkv.view(length, batch, groups, -1).split([heads // groups * dim, dim, dim], dim=-1)
-        context = attend(index, query.reshape(length, batch, heads, dim), key, value)
+        context = attend(index, qkv.view(length, batch, groups, heads // groups + 2, dim))
         hidden = hidden + _row_parallel(linear, context, attention.linear_proj)
         hidden = hidden + mlp_forward(layer.mlp, layer.pre_mlp_layernorm(hidden), linear)
     return hidden
@@ -96,16 +96,26 @@ def cached_attention(cache: KVCache, attend: Optional[torch.Tensor]) -> Attend:
     bool, True where a query may see a key; None: a whole prompt, causal, or one new position, which sees all.
     Call inside ``cache.forward(angles)``."""
 
-    def run(index, query, key, value):
-        query, keys, values = cache.store(index, query, key, value)
-        return sdpa(query.permute(1, 2, 0, 3), keys, values, attend, is_causal=attend is None and query.shape[0] > 1)
+    def run(index, qkv):
+        per_group = qkv.shape[3] - 2
+        rotated = cache.rotate(qkv[:, :, :, :per_group + 1])  # each group's queries and key, in one rotation
+        keys, values = cache.append(index, rotated[:, :, :, per_group], qkv[:, :, :, per_group + 1])
+        return sdpa(_heads_first(rotated[:, :, :, :per_group]), keys, values, attend,
+                    is_causal=attend is None and qkv.shape[0] > 1)
 
     return run
 
 
-def full_attention(index, query, key, value) -> torch.Tensor:
+def full_attention(index, qkv) -> torch.Tensor:
     """Every position sees every position (the vision tower)."""
-    return sdpa(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))
+    per_group = qkv.shape[3] - 2
+    key, value = (qkv[:, :, :, i].permute(1, 2, 0, 3) for i in (per_group, per_group + 1))
+    return sdpa(_heads_first(qkv[:, :, :, :per_group]), key, value)
+
+
+def _heads_first(query: torch.Tensor) -> torch.Tensor:
+    """Queries [s, b, groups, heads / groups, dim] -> [b, heads, s, dim] (a view for one query per group)."""
+    return query.flatten(2, 3).permute(1, 2, 0, 3)
 
 
 def image_features(model, images: torch.Tensor) -> torch.Tensor:

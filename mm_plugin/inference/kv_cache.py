@@ -2,11 +2,12 @@
 
 megatron-core's ``SelfAttention`` computes a step's queries, keys and values and hands them to its
 core attention. The decoder is run here without a rotary embedding. For each forward the cache holds
-the rotary angles of the new positions (computed once, not per layer); :meth:`KVCache.store` rotates a
-layer's queries and keys at each token's true position, writes the keys and values into the cache and
-returns everything cached so far. :meth:`KVCache.attached` calls it from a forward pre-hook on every
-layer's core attention, so megatron's layers run unchanged with the whole history; the direct layers
-(:func:`~mm_plugin.inference.direct_layers.cached_attention`) call it themselves.
+the rotary angles of the new positions (computed once, not per layer): :meth:`KVCache.rotate` rotates
+queries and keys at each token's true position, and :meth:`KVCache.append` writes a layer's keys and
+values into the cache and returns everything cached so far. With ``layers``, :meth:`KVCache.forward`
+calls both from a forward pre-hook on every layer's core attention, so megatron's layers run unchanged
+with the whole history; the direct layers
+(:func:`~mm_plugin.inference.direct_layers.cached_attention`) call them themselves.
 
 The buffers are laid out ``[layers, batch, groups, capacity, head_dim]``, scaled-dot-product
 attention's layout: a step writes one column, and the history is one strided view, no copy.
@@ -20,12 +21,6 @@ from typing import Iterator, Optional
 import torch
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved RoPE (LLaMA's, megatron's ``rotary_interleaved=False``) of ``x`` [s, b, heads, dim]."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
-
-
 class KVCache:
     def __init__(self, num_layers: int, batch: int, groups: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -36,15 +31,20 @@ class KVCache:
         self.length = 0
         """Positions already cached: the current forward writes from here."""
         self._cos: Optional[torch.Tensor] = None
-        self._sin: Optional[torch.Tensor] = None
+        self._signed_sin: Optional[torch.Tensor] = None
 
     @contextlib.contextmanager
     def forward(self, angles: torch.Tensor, layers: Optional[torch.nn.ModuleList] = None) -> Iterator["KVCache"]:
         """One forward over new positions whose rotary angles are ``angles`` [s, b, 1, dim]. With ``layers``
-        (a megatron ``TransformerBlock.layers``), their core attention goes through :meth:`store`."""
+        (a megatron ``TransformerBlock.layers``), their core attention rotates and appends through a pre-hook."""
         if layers is not None and len(layers) != self.keys.shape[0]:
             raise ValueError(f"the cache holds {self.keys.shape[0]} layers, the decoder has {len(layers)}")
-        self._cos, self._sin = angles.cos().to(self.keys.dtype), angles.sin().to(self.keys.dtype)
+        half = angles.shape[-1] // 2
+        sin = angles.sin()
+        self._cos = angles.cos().to(self.keys.dtype)
+        # LLaMA's x * cos + [-x2, x1] * sin as x * cos + [x2, x1] * [-sin1, sin2]: negating the angle's sine
+        # once instead of every layer's x gives the same numbers with one kernel less per rotation.
+        self._signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(self.keys.dtype)
         handles = [
             layer.self_attention.core_attention.register_forward_pre_hook(self._hook(index), with_kwargs=True)
             for index, layer in enumerate(layers or ())
@@ -55,20 +55,25 @@ class KVCache:
         finally:
             for handle in handles:
                 handle.remove()
-            self._cos = self._sin = None
+            self._cos = self._signed_sin = None
 
-    def store(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s new ``query``, ``key``, ``value`` [s, b, heads or groups, dim] -> the rotated
-        query [s, b, heads, dim] and all keys and values so far [b, groups, positions, dim]."""
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Non-interleaved RoPE (LLaMA's, megatron's ``rotary_interleaved=False``) of the new positions' ``x``
+        [s, b, ..., dim] (any number of head dimensions: one call can rotate queries and keys together)."""
+        shape = (*x.shape[:2], *([1] * (x.dim() - 3)), x.shape[-1])
+        first, second = x.chunk(2, dim=-1)
+        return x * self._cos.view(shape) + torch.cat((second, first), dim=-1) * self._signed_sin.view(shape)
+
+    def append(self, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s new (rotated) ``key`` and ``value`` [s, b, groups, dim] into the cache -> all keys
+        and values so far [b, groups, positions, dim]."""
         end = self.length + key.shape[0]
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} positions needed, capacity {self.capacity}")
-        query, key = rotate(query, self._cos, self._sin), rotate(key, self._cos, self._sin)
         keys, values = self.keys[index], self.values[index]
         keys[:, :, self.length:end] = key.permute(1, 2, 0, 3)
         values[:, :, self.length:end] = value.permute(1, 2, 0, 3)
-        return query, keys[:, :, :end], values[:, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a copy of what is cached so far)."""
@@ -77,8 +82,9 @@ class KVCache:
 
     def _hook(self, index: int):
         def extend(module, args, kwargs):
-            query, keys, values = self.store(index, *args[:3])
+            query, key, value = args[:3]
+            keys, values = self.append(index, self.rotate(key), value)
             # megatron's core attention takes [s, b, groups, dim]
-            return (query, keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3), *args[3:]), kwargs
+            return (self.rotate(query), keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3), *args[3:]), kwargs
 
         return extend
