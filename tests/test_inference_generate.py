@@ -266,3 +266,24 @@ def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_t
     monkeypatch.setenv("MM_PLUGIN_CPU_LINEAR", "torch")
     assert [r.tokens for r in ours(model, requests)] == packed
     assert packed[0] == hugging_face_tokens(hf, requests[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
+    from mm_plugin.inference.kv_cache import KVCache
+
+    generator = torch.Generator().manual_seed(0)
+    length, batch, groups, per_group, dim = 5, 2, 3, 2, 8
+    angles = torch.rand(length, batch, 1, dim, generator=generator) * 40  # positions up to ~40 radians
+    qkv = torch.randn(length, batch, groups, per_group + 2, dim, generator=generator).to(dtype)
+    cache = KVCache(num_layers=1, batch=batch, groups=groups, capacity=length, head_dim=dim, dtype=dtype,
+                    device=torch.device("cpu"))
+    with cache.forward(angles):
+        together = cache.rotate(qkv[:, :, :, :per_group + 1])
+        key_alone = cache.rotate(qkv[:, :, :, per_group])  # [s, b, groups, dim], as megatron's modules hand it
+    cos, sin = angles.cos().to(dtype)[:, :, :, None], angles.sin().to(dtype)[:, :, :, None]
+    x = qkv[:, :, :, :per_group + 1]
+    first, second = x.chunk(2, dim=-1)
+    expected = x * cos + torch.cat((-second, first), dim=-1) * sin  # LLaMA's rotate_half form
+    assert torch.equal(together, expected)
+    assert torch.equal(key_alone, expected[:, :, :, per_group])
