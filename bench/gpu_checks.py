@@ -12,7 +12,8 @@ built once, on the device:
    reference logits; then the same model in bf16, and ours loaded from those bf16 weights with the forward
    and a backward forced onto the flash kernel (``sdpa_kernel(FLASH_ATTENTION)`` raises where it cannot
    run). Ours must be as close to the fp32 reference as Hugging Face's own bf16 run is.
-2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``).
+2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``), and the tensor
+   operations each dispatches at batch 1 on this device (``inference_speed.operation_counts``).
 3. **Stage-1 training step throughput**: the projector trains, CLIP and the language model are frozen;
    samples/s and TFLOP/s per device at ``--micro-batch`` with LLaVA-1.5's layout (576 image tokens +
    ``--text-tokens``), with the FLOP count of ``mm_plugin/training/flops.py``.
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     save()
     results["inference_speed"] = inference_speed.benchmark(
         hf, ours, args.shape, "bf16", args.batch, args.text_tokens, args.new_tokens, args.repeats, args.device)
+    save()
+    results["operations"] = inference_speed.operation_counts(hf, ours, args.shape, "bf16", [1], args.text_tokens, 8,
+                                                             args.device)
     save()
     del hf
     results["stage1_training"] = training_throughput(ours, args.device, args.micro_batch, args.text_tokens,

@@ -202,13 +202,26 @@ def operations(function, *args) -> int:
     return counter.count
 
 
-def count_operations(runner: Runner, new_tokens: int) -> dict:
-    result = {}
-    for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
-        function(2)  # warm-up, as for the timings
-        first = operations(function, 1)
-        result[name] = {"first_token": first, "per_decode_step": (operations(function, new_tokens) - first) / (new_tokens - 1)}
-    return result
+def operation_counts(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, new_tokens: int,
+                     device: str) -> dict:
+    """Operations each implementation dispatches for the first token and per decode step; prints a table."""
+    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+
+    report = {"shape": shape, "device": device, "dtype": dtype_name, "new_tokens": new_tokens, "counts": {}}
+    print(f"{shape}, {device}, {dtype_name}: tensor operations dispatched (views not counted)")
+    print("| batch | first token ours | first token HF | per decode step ours | per decode step HF |")
+    print("|---|---|---|---|---|")
+    for batch in batches:
+        runner = Runner(hf, ours, *inputs(batch, text_tokens, device, TORCH_DTYPES[dtype_name]))
+        counts = report["counts"][batch] = {}
+        for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+            function(2)  # warm-up, as for the timings
+            first = operations(function, 1)
+            counts[name] = {"first_token": first,
+                            "per_decode_step": (operations(function, new_tokens) - first) / (new_tokens - 1)}
+        print(f"| {batch} | {counts['ours']['first_token']} | {counts['hf']['first_token']} | "
+              f"{counts['ours']['per_decode_step']:.0f} | {counts['hf']['per_decode_step']:.0f} |", flush=True)
+    return report
 
 
 def machine() -> dict:
@@ -283,15 +296,8 @@ def main(argv=None) -> int:
     hf = build_hf(args.shape, TORCH_DTYPES[args.dtype], args.device)
     ours = build_ours(hf, args.dtype)
     if args.count_operations:
-        report = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "counts": {}}
-        print(f"{args.shape}, {args.device}, {args.dtype}: tensor operations dispatched (views not counted)")
-        print("| batch | first token ours | first token HF | per decode step ours | per decode step HF |")
-        print("|---|---|---|---|---|")
-        for batch in args.batch:
-            rows, pixels = inputs(batch, args.text_tokens, args.device, TORCH_DTYPES[args.dtype])
-            counts = report["counts"][batch] = count_operations(Runner(hf, ours, rows, pixels), args.new_tokens)
-            print(f"| {batch} | {counts['ours']['first_token']} | {counts['hf']['first_token']} | "
-                  f"{counts['ours']['per_decode_step']:.0f} | {counts['hf']['per_decode_step']:.0f} |")
+        report = operation_counts(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
+                                  args.device)
     else:
         report = benchmark(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
                            args.repeats, args.device, args.clock)
