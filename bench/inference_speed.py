@@ -15,9 +15,10 @@ Both are greedy; the report says whether they chose the same tokens. Medians are
 the JSON), with the machine and its load before and after.
 
 ``--count-operations`` reports instead how many tensor operations each implementation dispatches (views
-not counted: each counted one is a kernel launch on a GPU) for the first token and per decode step. At
-batch 1 a GPU's first token is mostly launch and host time, so this count, the same on any machine for a
-given device type, tells what a GPU run will weigh. Shape ``7b-layers`` has LLaVA-1.5-7B's layers and heads
+not counted; on a GPU each counted operation on a device tensor is a kernel launch, the few on host tensors,
+such as our per-request checks, are host time only) for the first token and per decode step. At batch 1 a
+GPU's first token is mostly launch and host time, so this count, the same on any machine for a given device
+type, tells what a GPU run will weigh. Shape ``7b-layers`` has LLaVA-1.5-7B's layers and heads
 at tiny widths, so counting its operations is quick on a CPU.
 
 ``--clock thread`` measures the CPU time of the calling thread with one torch thread (``--threads`` is
