@@ -1,7 +1,11 @@
 """Key/value-cached generation against Hugging Face ``generate`` (CPU, fp32, random tiny models)."""
 
+import contextlib
+import importlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_fixtures import HF_IMAGE_TOKEN, IMAGE, SHAPES, our_config, our_full_state, tiny_hf_llava
 
@@ -287,3 +291,65 @@ def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
     expected = x * cos + torch.cat((-second, first), dim=-1) * sin  # LLaMA's rotate_half form
     assert torch.equal(together, expected)
     assert torch.equal(key_alone, expected[:, :, :, per_group])
+
+
+# Operations that make the host wait for a GPU: a value read back, or an output whose size depends on values.
+_WAITS_FOR_THE_DEVICE = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_is_all_true",
+                         "_is_any_true", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive"}
+
+
+class _HostWaits(TorchDispatchMode):
+    """Records the operations that would make the host wait for a GPU, run inside :meth:`device`."""
+
+    def __init__(self):
+        super().__init__()
+        self.on_device, self.waits = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
+        boolean_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        if self.on_device and (name in _WAITS_FOR_THE_DEVICE or boolean_index
+                               or (name == "repeat_interleave" and (kwargs or {}).get("output_size") is None)):
+            self.waits.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def device(self):
+        self.on_device += 1
+        try:
+            yield
+        finally:
+            self.on_device -= 1
+
+    def device_work(self, function):
+        def run(*args, **kwargs):
+            with self.device():
+                return function(*args, **kwargs)
+
+        return run
+
+
+def test_the_prompt_and_each_step_run_without_the_host_waiting_for_the_device(models, monkeypatch):
+    # On a GPU the host queues a forward's kernels while the first ones run; anything in a forward that
+    # reads a value back stops it until the device catches up (Hugging Face's LLaVA does it after the
+    # vision tower). Ours reads back once per token, the chosen tokens, between forwards.
+    from mm_plugin.inference.decoder import IncrementalDecoder
+
+    generation = importlib.import_module("mm_plugin.inference.generate")  # the package's `generate` is the function
+    _, model = models["gqa"]
+    with _HostWaits() as detector:
+        with detector.device():
+            torch.ones(2).sum().item()
+        assert detector.waits == ["aten._local_scalar_dense.default"]  # the detector sees a read-back
+        detector.waits.clear()
+        monkeypatch.setattr(generation, "image_features", detector.device_work(generation.image_features))
+        monkeypatch.setattr(IncrementalDecoder, "prefill", detector.device_work(IncrementalDecoder.prefill))
+        monkeypatch.setattr(IncrementalDecoder, "step", detector.device_work(IncrementalDecoder.step))
+        embedding = model.language_model.embedding
+        monkeypatch.setattr(embedding, "forward", detector.device_work(embedding.forward))
+        requests = requests_for("gqa", seed=3)
+        batch = ours(model, requests)  # left-padded, with its padding mask
+        single = ours(model, requests[:1])  # causal attention without a mask
+    assert all(len(r.tokens) == NEW_TOKENS for r in batch + single)
+    assert detector.waits == []
