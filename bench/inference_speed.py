@@ -29,6 +29,7 @@ time a computation takes barely does.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -147,11 +148,18 @@ CLOCK = time.perf_counter
 
 
 def timed(function, *args):
+    """Seconds ``function(*args)`` takes, all device work included; Python's garbage collector is run before
+    and held off during it, for both implementations alike (a collection pause mid-run is noise, not speed)."""
+    gc.collect()
     synchronize()
-    start = CLOCK()
-    result = function(*args)
-    synchronize()
-    return CLOCK() - start, result
+    gc.disable()
+    try:
+        start = CLOCK()
+        result = function(*args)
+        synchronize()
+        return CLOCK() - start, result
+    finally:
+        gc.enable()
 
 
 def synchronize():
