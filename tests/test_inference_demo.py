@@ -68,6 +68,7 @@ def test_the_inference_script_runs_on_the_demo(demo):
     answers = re.findall(r"^A: (.*)$", result.stdout, flags=re.MULTILINE)
     references = re.findall(r"\(reference: (.*)\)$", result.stdout, flags=re.MULTILINE)
     assert len(answers) == len(references) == 8 and all(answers)
+    assert "Q:" not in result.stdout  # the plain template asks nothing: no empty question line
 
 
 def test_without_the_demo_output_the_script_says_which_command_makes_it(tmp_path):
