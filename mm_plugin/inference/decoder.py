@@ -101,12 +101,10 @@ class IncrementalDecoder:
             if self.direct:
                 attention = cached_attention(self.cache, None if masked is None else ~masked)
                 hidden = decoder.final_layernorm(forward_layers(decoder.layers, embeddings, attention))
+                logits = linear_for(hidden)(hidden[-1], self._output_weight())  # [b, vocab / TP]
             else:
                 hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
-        if self.direct:
-            logits = linear_for(hidden)(hidden[-1], self._output_weight())  # [b, vocab / TP]
-        else:
-            logits, _ = self.language_model.output_layer(hidden[-1])
+                logits, _ = self.language_model.output_layer(hidden[-1])
         # The rows that pad the vocabulary (for tensor parallelism) are no tokens.
         return _gather_vocabulary(logits)[:, : self.vocab_size].float()
 
