@@ -76,7 +76,8 @@ def mlp_forward(mlp, x: torch.Tensor, linear=None) -> torch.Tensor:
     intermediate = linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
     if mlp.config.gated_linear_unit:  # linear_fc1 holds [gate; up]
         gate, up = intermediate.chunk(2, dim=-1)
-        intermediate = mlp.config.activation_func(gate) * up
+        # In place: on the CPU a prompt's intermediate is tens of MB, and each new one is page-faulted afresh.
+        intermediate = mlp.config.activation_func(gate).mul_(up)
     else:
         intermediate = mlp.config.activation_func(intermediate)
     return _row_parallel(linear, intermediate, mlp.linear_fc2)

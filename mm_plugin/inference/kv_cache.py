@@ -61,8 +61,12 @@ class KVCache:
         """Non-interleaved RoPE (LLaMA's, megatron's ``rotary_interleaved=False``) of the new positions' ``x``
         [s, b, ..., dim] (any number of head dimensions: one call can rotate queries and keys together)."""
         shape = (*x.shape[:2], *([1] * (x.dim() - 3)), x.shape[-1])
-        first, second = x.chunk(2, dim=-1)
-        return x * self._cos.view(shape) + torch.cat((second, first), dim=-1) * self._signed_sin.view(shape)
+        # [x2, x1] as the two halves flipped: one kernel, like a cat, but the CPU's cat of the halves of a
+        # strided view (the fused QKV's queries and keys, without the values) is 3x slower than the flip.
+        swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+        # The same products and sum, in place where the operand is new: fewer fresh tensors for the CPU
+        # to page-fault in a long prompt.
+        return (x * self._cos.view(shape)).add_(swapped.mul_(self._signed_sin.view(shape)))
 
     def append(self, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s new (rotated) ``key`` and ``value`` [s, b, groups, dim] into the cache -> all keys
