@@ -272,6 +272,38 @@ def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_t
     assert packed[0] == hugging_face_tokens(hf, requests[0])
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_cpu_prompt_attending_in_query_chunks_gives_hugging_faces_tokens(models, shape, monkeypatch):
+    from mm_plugin.inference import direct_layers
+
+    hf, model = models[shape]
+    requests = requests_for(shape, seed=7)
+    monkeypatch.setattr(direct_layers, "CPU_QUERY_CHUNK", 3)  # the tiny prompts span many chunks and a partial one
+    expected = [hugging_face_tokens(hf, request) for request in requests]
+    # Padded (the mask's rows go chunk by chunk) and a single prompt (no mask: causal chunks of their own).
+    assert [result.tokens for result in ours(model, requests)] == expected
+    assert ours(model, requests[:1])[0].tokens == expected[0]
+
+
+@pytest.mark.parametrize("groups", [4, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_attention_in_query_chunks_is_the_whole_causal_attention(groups, padded, monkeypatch):
+    from mm_plugin.inference import direct_layers
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, length, cached, dim = 2, 4, 11, 5, 8  # 11 new positions after 5 cached ones
+    query = torch.randn(batch, heads, length, dim, generator=generator)
+    key, value = (torch.randn(batch, groups, cached + length, dim, generator=generator) for _ in range(2))
+    attend = torch.ones(length, cached + length, dtype=torch.bool).tril(cached).expand(batch, 1, -1, -1).clone()
+    if padded:
+        attend[0, :, :, :3] = False  # row 0's first three keys are padding
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attend, enable_gqa=heads != groups).permute(2, 0, 1, 3).flatten(2)
+    monkeypatch.setattr(direct_layers, "CPU_QUERY_CHUNK", 4)
+    chunked = direct_layers.sdpa(query, key, value, attend if padded else None, causal=True)
+    torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
     from mm_plugin.inference.kv_cache import KVCache
