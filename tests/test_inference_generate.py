@@ -304,6 +304,22 @@ def test_causal_attention_in_query_chunks_is_the_whole_causal_attention(groups, 
     torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_cpu_mlp_over_row_chunks_is_the_mlp_over_all_rows(models, monkeypatch):
+    from mm_plugin.inference import direct_layers
+
+    _, model = models["gqa"]
+    mlp = model.language_model.decoder.layers[0].mlp
+    x = torch.randn(550, 2, mlp.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = direct_layers.mlp_forward(mlp, x)
+        monkeypatch.setattr(direct_layers, "CPU_INTERMEDIATE_BYTES", 0)  # chunks of 512 rows: 512, 512 and 76
+        chunked = direct_layers.mlp_forward(mlp, x)
+        expected, _ = mlp(x)  # megatron's module
+    assert chunked.shape == x.shape
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
     from mm_plugin.inference.kv_cache import KVCache

@@ -70,14 +70,31 @@ def forward_layers(layers: torch.nn.ModuleList, hidden: torch.Tensor, attend: At
     return hidden
 
 
+CPU_INTERMEDIATE_BYTES = 32 << 20
+"""On the CPU an MLP runs its rows in chunks whose intermediate stays under this size (see :func:`mlp_forward`)."""
+
+
 def mlp_forward(mlp, x: torch.Tensor, linear=None) -> torch.Tensor:
-    """A megatron ``MLP`` (see :func:`mlp_runs_direct`) on ``x``, its output bias included."""
+    """A megatron ``MLP`` (see :func:`mlp_runs_direct`) on ``x``, its output bias included.
+
+    On the CPU, rows run in chunks (of 512 rows at least) whose intermediate is under
+    :data:`CPU_INTERMEDIATE_BYTES`: glibc's malloc maps a block over 32 MB afresh from the kernel at each
+    allocation and every page of it faults when first written, while it reuses smaller ones. A batch-8
+    prompt's [4944, 2752] float32 intermediate (cpu-small in ``bench/``) took 106k page faults per forward."""
     linear = linear or linear_for(x)
+    rows, width = x.numel() // x.shape[-1], mlp.linear_fc1.weight.shape[0]
+    chunk = max(512, CPU_INTERMEDIATE_BYTES // (width * x.element_size())) if x.device.type == "cpu" else rows
+    if rows <= chunk:
+        return _mlp_rows(mlp, x, linear)
+    parts = [_mlp_rows(mlp, part, linear) for part in x.reshape(rows, x.shape[-1]).split(chunk)]
+    return torch.cat(parts).view(*x.shape[:-1], -1)
+
+
+def _mlp_rows(mlp, x: torch.Tensor, linear) -> torch.Tensor:
     intermediate = linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
     if mlp.config.gated_linear_unit:  # linear_fc1 holds [gate; up]
         gate, up = intermediate.chunk(2, dim=-1)
-        # In place: on the CPU a prompt's intermediate is tens of MB, and each new one is page-faulted afresh.
-        intermediate = mlp.config.activation_func(gate).mul_(up)
+        intermediate = mlp.config.activation_func(gate).mul_(up)  # in place: one intermediate less
     else:
         intermediate = mlp.config.activation_func(intermediate)
     return _row_parallel(linear, intermediate, mlp.linear_fc2)
