@@ -108,25 +108,37 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
          causal: bool = False) -> torch.Tensor:
     """Attention of ``query`` [b, heads, s, dim] over ``key``, ``value`` [b, groups, positions, dim] -> [s, b, heads * dim].
     ``causal``: the queries are the last ``s`` positions and none sees a later key (``attn_mask``, where given,
-    says so too). On the CPU a causal attention runs in chunks of :data:`CPU_QUERY_CHUNK` queries, each over the
-    keys up to its last query: torch's CPU flash kernel computes whole blocks of 512 keys under a causal mask
-    (86% of the full square for a 618-position prompt), the chunks 62% (bf16 8 x 8 heads x 618 positions, one
-    thread: 80 -> 62 ms)."""
+    says so too). On the CPU a longer causal attention runs in chunks of queries
+    (:func:`_causal_in_query_chunks`)."""
+    batch, heads, length, dim = query.shape
+    if causal and query.device.type == "cpu" and length > CPU_QUERY_CHUNK:
+        return _causal_in_query_chunks(query, key, value, attn_mask)
+    context = _attention(query, key, value, attn_mask, is_causal=causal and attn_mask is None)
+    return context.permute(2, 0, 1, 3).reshape(length, batch, heads * dim)
+
+
+def _causal_in_query_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`sdpa` of a causal attention in chunks of :data:`CPU_QUERY_CHUNK` queries, each over the keys up to
+    its last query. torch's CPU flash kernel computes whole blocks of 512 keys under a causal mask (86% of the
+    full square for a 618-position prompt), the chunks 62% (bf16, 8 x 8 heads x 618 positions, one thread:
+    80 -> 62 ms)."""
     batch, heads, length, dim = query.shape
     known = key.shape[2]
-    chunk = CPU_QUERY_CHUNK if causal and query.device.type == "cpu" else length
-    if causal and attn_mask is None and chunk < length:
+    if attn_mask is None:
         attn_mask = torch.ones(length, known, dtype=torch.bool, device=query.device).tril(known - length)
     context = query.new_empty(length, batch, heads, dim)
-    for start in range(0, length, chunk):
-        end = min(start + chunk, length)
+    for start in range(0, length, CPU_QUERY_CHUNK):
+        end = min(start + CPU_QUERY_CHUNK, length)
         seen = known - length + end  # the keys up to this chunk's last query
-        context[start:end] = F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, :seen], value[:, :, :seen],
-            attn_mask=None if attn_mask is None else attn_mask[..., start:end, :seen],
-            is_causal=causal and attn_mask is None, scale=1.0 / math.sqrt(dim), enable_gqa=heads != key.shape[1],
-        ).permute(2, 0, 1, 3)
+        context[start:end] = _attention(query[:, :, start:end], key[:, :, :seen], value[:, :, :seen],
+                                        attn_mask[..., start:end, :seen]).permute(2, 0, 1, 3)
     return context.view(length, batch, heads * dim)
+
+
+def _attention(query, key, value, attn_mask, is_causal=False) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=1.0 / math.sqrt(query.shape[-1]), enable_gqa=query.shape[1] != key.shape[1])
 
 
 def cached_attention(cache: KVCache, attend: Optional[torch.Tensor]) -> Attend:
