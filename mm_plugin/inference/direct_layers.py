@@ -138,7 +138,8 @@ def _causal_in_query_chunks(query: torch.Tensor, key: torch.Tensor, value: torch
 
 def _attention(query, key, value, attn_mask, is_causal=False) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                          scale=1.0 / math.sqrt(query.shape[-1]), enable_gqa=query.shape[1] != key.shape[1])
+                                          scale=1.0 / math.sqrt(query.shape[-1]),
+                                          enable_gqa=query.shape[1] != key.shape[1])
 
 
 def cached_attention(cache: KVCache, attend: Optional[torch.Tensor]) -> Attend:
