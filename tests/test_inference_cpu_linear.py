@@ -30,6 +30,20 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(cpu_linear.packed_linear(x, weight), -2.0 * before)
 
 
+def test_views_of_one_weight_are_packed_once_each_and_again_when_it_changes():
+    weight = torch.nn.Parameter(torch.randn(64, 16), requires_grad=False)
+    x = torch.randn(4, 16)
+    for half in weight.chunk(2):  # a new view object at each slicing: packed once, kept with the weight
+        torch.testing.assert_close(cpu_linear.packed_linear(x, half), F.linear(x, half), rtol=1e-5, atol=1e-5)
+    first, second = weight.chunk(2)
+    packed = cpu_linear.packed_copy(first)
+    assert packed is not None and cpu_linear.packed_copy(weight.chunk(2)[0]) is packed
+    assert cpu_linear.packed_copy(second) is not packed and cpu_linear.packed_copy(weight) is None
+    with torch.no_grad():
+        weight.mul_(-1.0)
+    torch.testing.assert_close(cpu_linear.packed_linear(x, weight.chunk(2)[1]), F.linear(x, second), rtol=1e-5, atol=1e-5)
+
+
 def test_a_non_contiguous_input_is_taken():
     weight, x = torch.randn(24, 16), torch.randn(16, 6)
     torch.testing.assert_close(cpu_linear.packed_linear(x.t(), weight), F.linear(x.t(), weight), rtol=1e-5, atol=1e-5)
@@ -64,12 +78,12 @@ def test_no_packing_when_it_would_leave_too_little_memory(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no longer packed"):
         result = cpu_linear.linear(x, weight)
     torch.testing.assert_close(result, F.linear(x, weight))
-    assert cpu_linear._PACKED[weight][1] is None
+    assert weight in cpu_linear._PACKED and cpu_linear.packed_copy(weight) is None
     monkeypatch.setattr(cpu_linear, "memory", lambda: (64 << 30, 64 << 30))
     with torch.no_grad():
         weight.mul_(2.0)  # a changed weight is considered again
     torch.testing.assert_close(cpu_linear.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-4)
-    assert cpu_linear._PACKED[weight][1] is not None
+    assert cpu_linear.packed_copy(weight) is not None
 
 
 def test_a_product_autograd_records_is_not_packed():

@@ -273,12 +273,16 @@ def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_t
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_a_cpu_prompt_attending_in_query_chunks_gives_hugging_faces_tokens(models, shape, monkeypatch):
-    from mm_plugin.inference import direct_layers
+def test_the_cpu_only_prompt_paths_give_hugging_faces_tokens(models, shape, monkeypatch):
+    from mm_plugin.inference import cpu_linear, direct_layers
 
     hf, model = models[shape]
     requests = requests_for(shape, seed=7)
     monkeypatch.setattr(direct_layers, "CPU_QUERY_CHUNK", 3)  # the tiny prompts span many chunks and a partial one
+    monkeypatch.setattr(direct_layers, "CPU_SPLIT_GATE_ROWS", 1)  # gate and up as two products, steps too
+    monkeypatch.delenv("MM_PLUGIN_CPU_LINEAR", raising=False)
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 0)  # the halves of fc1 packed as views
+    monkeypatch.setattr(cpu_linear, "MIN_MULTIPLY_ADDS", 0)
     expected = [hugging_face_tokens(hf, request) for request in requests]
     # Padded (the mask's rows go chunk by chunk) and a single prompt (no mask: causal chunks of their own).
     assert [result.tokens for result in ours(model, requests)] == expected
@@ -304,19 +308,22 @@ def test_causal_attention_in_query_chunks_is_the_whole_causal_attention(groups, 
     torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_cpu_mlp_over_row_chunks_is_the_mlp_over_all_rows(models, monkeypatch):
+def test_a_cpu_mlp_over_row_chunks_or_with_gate_and_up_apart_is_the_mlp(models, monkeypatch):
     from mm_plugin.inference import direct_layers
 
     _, model = models["gqa"]
     mlp = model.language_model.decoder.layers[0].mlp
     x = torch.randn(550, 2, mlp.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole = direct_layers.mlp_forward(mlp, x)
+        whole = direct_layers.mlp_forward(mlp, x)  # 1100 rows: gate and up as two products
         monkeypatch.setattr(direct_layers, "CPU_INTERMEDIATE_BYTES", 0)  # chunks of 512 rows: 512, 512 and 76
         chunked = direct_layers.mlp_forward(mlp, x)
+        monkeypatch.setattr(direct_layers, "CPU_SPLIT_GATE_ROWS", 1 << 62)  # gate and up as one product
+        fused = direct_layers.mlp_forward(mlp, x)
         expected, _ = mlp(x)  # megatron's module
     assert chunked.shape == x.shape
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, whole, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 

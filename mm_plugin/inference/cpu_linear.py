@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-_PACKED = WeakIdKeyDictionary()  # weight -> (its version when packed, the packed weight)
+_PACKED = WeakIdKeyDictionary()  # weight -> {its part: (its version when packed, the packed part)}
 _DTYPES = (torch.float32, torch.bfloat16)
 MIN_WEIGHT_ELEMENTS = 1 << 18
 MIN_MULTIPLY_ADDS = 1 << 20
@@ -87,17 +87,33 @@ def _run(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) ->
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
+def packed_copy(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The packed copy kept for ``weight`` (None: not packed)."""
+    owner, part = _owner_and_part(weight)
+    entry = _PACKED.get(owner, {}).get(part)
+    return None if entry is None else entry[1]
+
+
 def _packed(weight: torch.Tensor, check_memory: bool) -> Optional[torch.Tensor]:
     """``weight``'s packed copy, made now if it has none or it changed since; None where ``check_memory``
     found no room for it (that weight then stays unpacked until it changes)."""
-    entry = _PACKED.get(weight)
+    owner, part = _owner_and_part(weight)
+    parts = _PACKED.setdefault(owner, {})
+    entry = parts.get(part)
     if entry is None or entry[0] != weight._version or (entry[1] is None and not check_memory):
         packed = None
         if not check_memory or _room_for(weight.numel() * weight.element_size()):
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        entry = _PACKED[weight] = (weight._version, packed)
+        entry = parts[part] = (weight._version, packed)
     return entry[1]
+
+
+def _owner_and_part(weight: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A view (the gate half of a fused weight, say: a new tensor object at each slicing) is kept with the
+    tensor it views, under its place in it; a view shares that tensor's version counter."""
+    owner = weight if weight._base is None else weight._base
+    return owner, (weight.storage_offset(), tuple(weight.shape), weight.stride())
 
 
 def _room_for(size: int) -> bool:

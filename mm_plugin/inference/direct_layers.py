@@ -90,14 +90,29 @@ def mlp_forward(mlp, x: torch.Tensor, linear=None) -> torch.Tensor:
     return torch.cat(parts).view(*x.shape[:-1], -1)
 
 
+CPU_SPLIT_GATE_ROWS = 256
+"""From this many rows on the CPU, a gated MLP's gate and up run as two products (see :func:`_mlp_rows`)."""
+
+
 def _mlp_rows(mlp, x: torch.Tensor, linear) -> torch.Tensor:
-    intermediate = linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
-    if mlp.config.gated_linear_unit:  # linear_fc1 holds [gate; up]
-        gate, up = intermediate.chunk(2, dim=-1)
-        intermediate = mlp.config.activation_func(gate).mul_(up)  # in place: one intermediate less
+    fc1, activation = mlp.linear_fc1, mlp.config.activation_func
+    if not mlp.config.gated_linear_unit:
+        intermediate = activation(linear(x, fc1.weight, fc1.bias))
+    elif x.device.type == "cpu" and x.numel() // x.shape[-1] >= CPU_SPLIT_GATE_ROWS:
+        # linear_fc1 holds [gate; up]. As halves of one product they are strided, and the CPU's activation
+        # and multiply read strided halves at half speed: from 256 rows on, two products and their
+        # activation take 5-8% less time than one (2% of a batch-8 first token); with few rows (a decode
+        # step) one call is faster.
+        (gate, up), (gate_bias, up_bias) = fc1.weight.chunk(2), _halves(fc1.bias)
+        intermediate = activation(linear(x, gate, gate_bias)).mul_(linear(x, up, up_bias))
     else:
-        intermediate = mlp.config.activation_func(intermediate)
+        gate, up = linear(x, fc1.weight, fc1.bias).chunk(2, dim=-1)
+        intermediate = activation(gate).mul_(up)  # in place: one intermediate less
     return _row_parallel(linear, intermediate, mlp.linear_fc2)
+
+
+def _halves(bias: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    return (None, None) if bias is None else bias.chunk(2)
 
 
 CPU_QUERY_CHUNK = 128
