@@ -328,6 +328,22 @@ def test_a_cpu_mlp_over_row_chunks_or_with_gate_and_up_apart_is_the_mlp(models, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 3, 60), (5, 36)])
+def test_the_cpu_rms_norm_gives_torchs_bits_and_leaves_its_input(dtype, shape):
+    from mm_plugin.inference.direct_layers import norm
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=generator) * 3).to(dtype)
+    before = x.clone()
+    for module in (torch.nn.RMSNorm(shape[-1], eps=1e-5), torch.nn.LayerNorm(shape[-1])):  # LayerNorm: the module runs
+        module = module.to(dtype)
+        with torch.no_grad():
+            module.weight.normal_(generator=generator)
+            assert torch.equal(norm(module, x), module(x)), type(module).__name__
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
     from mm_plugin.inference.kv_cache import KVCache
 

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 
 from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
-from mm_plugin.inference.direct_layers import cached_attention, forward_layers, runs_direct
+from mm_plugin.inference.direct_layers import cached_attention, forward_layers, norm, runs_direct
 
 
 class IncrementalDecoder:
@@ -100,8 +100,10 @@ class IncrementalDecoder:
         with self.cache.forward(angles, None if self.direct else decoder.layers):
             if self.direct:
                 attention = cached_attention(self.cache, None if masked is None else ~masked)
-                hidden = decoder.final_layernorm(forward_layers(decoder.layers, embeddings, attention))
-                logits = linear_for(hidden)(hidden[-1], self._output_weight())  # [b, vocab / TP]
+                hidden = forward_layers(decoder.layers, embeddings, attention)
+                # The norm works row by row: only the last position's is needed.
+                last = norm(decoder.final_layernorm, hidden[-1])
+                logits = linear_for(last)(last, self._output_weight())  # [b, vocab / TP]
             else:
                 hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
                 logits, _ = self.language_model.output_layer(hidden[-1])

@@ -63,11 +63,23 @@ def forward_layers(layers: torch.nn.ModuleList, hidden: torch.Tensor, attend: At
         dim = attention.hidden_size_per_attention_head
         length, batch = hidden.shape[:2]
         # megatron's fused QKV rows are grouped per query group (its queries, key, value).
-        qkv = linear(layer.input_layernorm(hidden), attention.linear_qkv.weight, attention.linear_qkv.bias)
+        qkv = linear(norm(layer.input_layernorm, hidden), attention.linear_qkv.weight, attention.linear_qkv.bias)
         context = attend(index, qkv.view(length, batch, groups, heads // groups + 2, dim))
         hidden = hidden + _row_parallel(linear, context, attention.linear_proj)
-        hidden = hidden + mlp_forward(layer.mlp, layer.pre_mlp_layernorm(hidden), linear)
+        hidden = hidden + mlp_forward(layer.mlp, norm(layer.pre_mlp_layernorm, hidden), linear)
     return hidden
+
+
+def norm(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``. On the CPU a ``torch.nn.RMSNorm`` is computed here, in place where the tensor is new: the
+    same operations in the same precision (the same bits, tested), where torch's CPU RMSNorm takes 1.5x (bf16)
+    to 9x (float32) as long on a batch-8 prompt."""
+    if (x.device.type != "cpu" or type(module) is not torch.nn.RMSNorm or module.eps is None
+            or module.weight is None):
+        return module(x)
+    upcast = x.float()
+    scale = torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True).add_(module.eps))
+    return (upcast * scale).mul_(module.weight.float()).to(x.dtype)
 
 
 CPU_INTERMEDIATE_BYTES = 32 << 20
