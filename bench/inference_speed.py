@@ -214,7 +214,8 @@ def operations(function, *args) -> int:
 def operation_counts(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, new_tokens: int,
                      device: str) -> dict:
     """Operations each implementation dispatches for the first token and per decode step; prints a table.
-    Counted as on a GPU: our CPU-only chunking of a prompt's attention and MLP is off."""
+    Counted as on a GPU: our CPU-only ways with a long prompt (attention and MLP in chunks, gate and up apart)
+    are off."""
     from unittest import mock
 
     from mm_plugin.inference import direct_layers
@@ -224,7 +225,8 @@ def operation_counts(hf, ours, shape: str, dtype_name: str, batches, text_tokens
     print(f"{shape}, {device}, {dtype_name}: tensor operations dispatched (views not counted)")
     print("| batch | first token ours | first token HF | per decode step ours | per decode step HF |")
     print("|---|---|---|---|---|")
-    with mock.patch.multiple(direct_layers, CPU_QUERY_CHUNK=1 << 62, CPU_INTERMEDIATE_BYTES=1 << 62):
+    with mock.patch.multiple(direct_layers, CPU_QUERY_CHUNK=1 << 62, CPU_INTERMEDIATE_BYTES=1 << 62,
+                             CPU_SPLIT_GATE_ROWS=1 << 62):
         for batch in batches:
             runner = Runner(hf, ours, *inputs(batch, text_tokens, device, TORCH_DTYPES[dtype_name]))
             counts = report["counts"][batch] = {}
