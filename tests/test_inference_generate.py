@@ -272,6 +272,7 @@ def test_cpu_generation_runs_on_packed_weights_and_plain_linears_give_the_same_t
     assert packed[0] == hugging_face_tokens(hf, requests[0])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_the_cpu_only_prompt_paths_give_hugging_faces_tokens(models, shape, monkeypatch):
     from mm_plugin.inference import cpu_linear, direct_layers
