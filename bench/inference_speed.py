@@ -11,7 +11,8 @@ tokens, all of the same length. Measured, interleaving the two implementations, 
 * decode speed: ``batch * (N - 1) / (t(N) - t(1))`` tokens/s for ``N = --new-tokens`` (end-of-sequence
   disabled, so every run generates exactly N tokens).
 
-Both are greedy; the report says whether they chose the same tokens. Medians are reported (and minima in
+Both are greedy; the report says whether they chose the same tokens, and how many page faults (first writes
+to freshly mapped memory, costly on a CPU) each first token took. Medians are reported (and minima in
 the JSON), with the machine and its load before and after.
 
 ``--count-operations`` reports instead how many tensor operations each implementation dispatches (views
@@ -33,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -162,19 +164,26 @@ def timed(function, *args):
         gc.enable()
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far: on the CPU each first write to freshly mapped memory is one."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
-    times = {name: {"first": [], "full": []} for name in ("ours", "hf")}
+    times = {name: {"first": [], "full": [], "first_page_faults": []} for name in ("ours", "hf")}
     tokens = {}
     for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
         function(2)  # warm-up: allocator, kernels, lazy imports
     for _ in range(repeats):
         for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+            faults = page_faults()
             first, _ = timed(function, 1)
+            times[name]["first_page_faults"].append(page_faults() - faults)
             full, tokens[name] = timed(function, new_tokens)
             times[name]["first"].append(first)
             times[name]["full"].append(full)
@@ -183,6 +192,7 @@ def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
         first, full = statistics.median(measured["first"]), statistics.median(measured["full"])
         result[name] = {
             "ttft_s": first, "ttft_min_s": min(measured["first"]),
+            "ttft_page_faults": statistics.median(measured["first_page_faults"]),
             "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first),
             "decode_tokens_per_s_best": batch * (new_tokens - 1) / (min(measured["full"]) - min(measured["first"])),
             "runs": measured,
@@ -269,8 +279,9 @@ def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, 
               "machine_before": machine(), "results": {}}
     print(f"{shape}: {parameters / 1e6:.0f}M parameters, {dtype_name}, {report['machine_before']['device']}, "
           f"{torch.get_num_threads()} thread(s), {clock} clock")
-    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens "
+          "| page faults per first token, ours / HF |")
+    print("|---|---|---|---|---|---|---|")
     for batch in batches:
         rows, pixels = inputs(batch, text_tokens, device, TORCH_DTYPES[dtype_name])
         result = measure(Runner(hf, ours, rows, pixels), batch, new_tokens, repeats)
@@ -278,7 +289,8 @@ def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, 
         ours_, hf_ = result["ours"], result["hf"]
         print(f"| {batch} | {ours_['ttft_s'] * 1000:.0f} ms | {hf_['ttft_s'] * 1000:.0f} ms | "
               f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s | "
-              f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} |", flush=True)
+              f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} | "
+              f"{ours_['ttft_page_faults']:.0f} / {hf_['ttft_page_faults']:.0f} |", flush=True)
     report["machine_after"] = machine()
     print(f"load average before {report['machine_before']['load_average']}, "
           f"after {report['machine_after']['load_average']}")
