@@ -8,7 +8,10 @@ megatron's fused-QKV layout, scaled-dot-product attention, biases where the laye
 row-parallel bias after the tensor-parallel all-reduce, as megatron adds it), the MLP's activation
 (gated or not). The language model's layers rotate queries and keys and read earlier positions through
 the :class:`~mm_plugin.inference.kv_cache.KVCache`; the vision tower's attend to all patches. On the
-CPU the matrix products take the packed oneDNN route (:mod:`~mm_plugin.inference.cpu_linear`).
+CPU the matrix products take the packed oneDNN route (:mod:`~mm_plugin.inference.cpu_linear`), and a long
+prompt avoids what torch's CPU kernels do slowly: causal attention runs in chunks of queries
+(:func:`sdpa`), an RMSNorm is computed here (:func:`norm`), and an MLP's rows run in chunks, gate and up
+apart (:func:`mlp_forward`).
 
 :func:`runs_direct` says when that description holds; otherwise megatron's modules run (with the cache
 attached to them), e.g. with megatron's local attention, which MindSpeed replaces on NPUs.
