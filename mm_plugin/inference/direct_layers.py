@@ -75,8 +75,8 @@ def forward_layers(layers: torch.nn.ModuleList, hidden: torch.Tensor, attend: At
 
 def norm(module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``. On the CPU a ``torch.nn.RMSNorm`` is computed here, in place where the tensor is new: the
-    same operations in the same precision (the same bits, tested), where torch's CPU RMSNorm takes 1.5x (bf16)
-    to 9x (float32) as long on a batch-8 prompt."""
+    same operations in the same precision (the same bits, tested). torch's CPU RMSNorm multiplies by the
+    weight in mixed dtypes and, for float32, runs a slower fused kernel."""
     if (x.device.type != "cpu" or type(module) is not torch.nn.RMSNorm or module.eps is None
             or module.weight is None):
         return module(x)
@@ -94,8 +94,8 @@ def mlp_forward(mlp, x: torch.Tensor, linear=None) -> torch.Tensor:
 
     On the CPU, rows run in chunks (of 512 rows at least) whose intermediate is under
     :data:`CPU_INTERMEDIATE_BYTES`: glibc's malloc maps a block over 32 MB afresh from the kernel at each
-    allocation and every page of it faults when first written, while it reuses smaller ones. A batch-8
-    prompt's [4944, 2752] float32 intermediate (cpu-small in ``bench/``) took 106k page faults per forward."""
+    allocation and every page of it faults when first written, while it reuses smaller ones (a batch-8
+    prompt's [4944, 2752] float32 intermediate, cpu-small in ``bench/``, is 54 MB)."""
     linear = linear or linear_for(x)
     rows, width = x.numel() // x.shape[-1], mlp.linear_fc1.weight.shape[0]
     chunk = max(512, CPU_INTERMEDIATE_BYTES // (width * x.element_size())) if x.device.type == "cpu" else rows
@@ -115,9 +115,8 @@ def _mlp_rows(mlp, x: torch.Tensor, linear) -> torch.Tensor:
         intermediate = activation(linear(x, fc1.weight, fc1.bias))
     elif x.device.type == "cpu" and x.numel() // x.shape[-1] >= CPU_SPLIT_GATE_ROWS:
         # linear_fc1 holds [gate; up]. As halves of one product they are strided, and the CPU's activation
-        # and multiply read strided halves at half speed: from 256 rows on, two products and their
-        # activation take 5-8% less time than one (2% of a batch-8 first token); with few rows (a decode
-        # step) one call is faster.
+        # and multiply read strided halves more slowly: from 256 rows on, two products and their
+        # activation are faster than one; with few rows (a decode step) one call is.
         (gate, up), (gate_bias, up_bias) = fc1.weight.chunk(2), _halves(fc1.bias)
         intermediate = activation(linear(x, gate, gate_bias)).mul_(linear(x, up, up_bias))
     else:
@@ -151,8 +150,7 @@ def _causal_in_query_chunks(query: torch.Tensor, key: torch.Tensor, value: torch
                             attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`sdpa` of a causal attention in chunks of :data:`CPU_QUERY_CHUNK` queries, each over the keys up to
     its last query. torch's CPU flash kernel computes whole blocks of 512 keys under a causal mask (86% of the
-    full square for a 618-position prompt), the chunks 62% (bf16, 8 x 8 heads x 618 positions, one thread:
-    80 -> 62 ms)."""
+    full square for a 618-position prompt), the chunks 60%."""
     batch, heads, length, dim = query.shape
     known = key.shape[2]
     if attn_mask is None:

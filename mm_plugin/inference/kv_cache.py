@@ -62,7 +62,7 @@ class KVCache:
         [s, b, ..., dim] (any number of head dimensions: one call can rotate queries and keys together)."""
         shape = (*x.shape[:2], *([1] * (x.dim() - 3)), x.shape[-1])
         # [x2, x1] as the two halves flipped: one kernel, like a cat, but the CPU's cat of the halves of a
-        # strided view (the fused QKV's queries and keys, without the values) is 3x slower than the flip.
+        # strided view (the fused QKV's queries and keys, without the values) is slower than the flip.
         swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
         # The same products and sum, in place where the operand is new: fewer fresh tensors for the CPU
         # to page-fault in a long prompt.
