@@ -267,14 +267,19 @@ def test_cli_streams_answers_in_order_and_reports_failures(pipe, converted, imag
     argv = ["--mm-model", str(path), *published_script, "--output-json", str(tmp_path / "answers.json"),
             "--image", str(images[0]), "--prompt", "What is it?",
             "--image", str(tmp_path / "gone.png"), "--prompt", "And this?",
-            "--image", f"{images[1]},{images[2]}", "--prompt", "Compare them."]
-    assert main(argv) == 1  # one query failed
+            "--image", f"{images[1]},{images[2]}", "--prompt", "Compare them.",
+            "--image", str(images[0]), "--prompt", "Why? " * 4000]  # longer than the context
+    assert main(argv) == 1  # two queries failed
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "answers.json").read_text())
-    assert [a["error"] is None for a in written] == [True, False, True]
-    for number, answer in enumerate(written, start=1):
-        assert f"[{number}/3]" in out and f"Q: {answer['prompt']}\nA: {answer['text']}" in out
-    assert out.index("[1/3]") < out.index("[2/3]") < out.index("[3/3]") and "gone.png" in written[1]["error"]
+    assert [a["error"] is None for a in written] == [True, False, True, False]
+    for number, answer in enumerate(written[:3], start=1):
+        assert f"[{number}/4]" in out and f"Q: {answer['prompt']}\nA: {answer['text']}" in out
+    assert out.index("[1/4]") < out.index("[2/4]") < out.index("[3/4]") < out.index("[4/4]")
+    assert "gone.png" in written[1]["error"] and "context" in written[3]["error"]
+    # the console repeats a long prompt cut short; the JSON keeps it whole
+    assert written[3]["prompt"] == "Why? " * 4000 and "Why? " * 4000 not in out
+    assert f"Q: {('Why? ' * 60)[:300]}... [19700 more characters]\nA: " in out
     expected = pipe.answer([_query("Compare them.", [images[1], images[2]])], max_new_tokens=NEW_TOKENS,
                            pad_token_id=0)[0]  # the JSON's pad token (never generated)
     assert written[2]["tokens"] == expected.tokens

@@ -144,6 +144,17 @@ def _generation_overrides(args) -> dict:
     return {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
 
 
+ECHOED_PROMPT_CHARACTERS = 300
+
+
+def _echoed(prompt: str) -> str:
+    """The prompt as the console repeats it: a long one (a pasted document, a runaway script) is cut short,
+    so the answer stays on screen; ``--output-json`` keeps it whole."""
+    if len(prompt) <= ECHOED_PROMPT_CHARACTERS:
+        return prompt
+    return f"{prompt[:ECHOED_PROMPT_CHARACTERS]}... [{len(prompt) - ECHOED_PROMPT_CHARACTERS} more characters]"
+
+
 class _OrderedPrinter:
     """Prints answers in query order while a batch generates them together: the first unfinished answer
     streams live, the others are held until it is their turn."""
@@ -183,7 +194,7 @@ class _OrderedPrinter:
     def _header(self, index: int) -> str:
         answer = self.answers[index]
         images = f" {', '.join(answer.images)}" if answer.images else ""
-        question = f"Q: {answer.prompt}\n" if answer.prompt else ""  # none with the plain template: a caption
+        question = f"Q: {_echoed(answer.prompt)}\n" if answer.prompt else ""  # none with the plain template
         return f"[{index + 1}/{len(self.answers)}]{images}\n{question}A: "
 
     def _write(self, text: str) -> None:
