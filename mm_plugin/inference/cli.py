@@ -194,7 +194,7 @@ class _OrderedPrinter:
     def _header(self, index: int) -> str:
         answer = self.answers[index]
         images = f" {', '.join(answer.images)}" if answer.images else ""
-        question = f"Q: {_echoed(answer.prompt)}\n" if answer.prompt else ""  # none with the plain template
+        question = f"Q: {_echoed(answer.prompt)}\n" if answer.prompt else ""  # none with the plain template: a caption
         return f"[{index + 1}/{len(self.answers)}]{images}\n{question}A: "
 
     def _write(self, text: str) -> None:
