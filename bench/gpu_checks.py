@@ -12,8 +12,10 @@ built once, on the device:
    reference logits; then the same model in bf16, and ours loaded from those bf16 weights with the forward
    and a backward forced onto the flash kernel (``sdpa_kernel(FLASH_ATTENTION)`` raises where it cannot
    run). Ours must be as close to the fp32 reference as Hugging Face's own bf16 run is.
-2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``), and the tensor
-   operations each dispatches at batch 1 on this device (``inference_speed.operation_counts``).
+2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``), the tensor
+   operations each dispatches at batch 1 on this device (``inference_speed.operation_counts``), and where
+   batch 1's first token spends its time: the device's kernel time against the wall clock, with the
+   profiler's tables (``OUT/profile.txt``) and traces (``OUT/trace_{ours,hf}.json.gz``).
 3. **Stage-1 training step throughput**: the projector trains, CLIP and the language model are frozen;
    samples/s and TFLOP/s per device at ``--micro-batch`` with LLaVA-1.5's layout (576 image tokens +
    ``--text-tokens``), with the FLOP count of ``mm_plugin/training/flops.py``.
@@ -93,6 +95,38 @@ def parity(shape: str, device: str, text_tokens: int):
     return result, hf, ours
 
 
+def first_token_profile(hf, ours, text_tokens: int, device: str, out: Path, runs: int = 3) -> dict:
+    """Kernels launched and their summed device time per batch-1 first token, for both implementations.
+    The device idles for the rest of the first token's wall time (``inference_speed.benchmark``'s TTFT,
+    measured without the profiler, whose own host overhead inflates wall time): host and launch cost."""
+    import gzip
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    runner = inference_speed.Runner(hf, ours, *inference_speed.inputs(1, text_tokens, device, torch.bfloat16))
+    report, tables = {}, []
+    for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+        function(2)  # warm-up, as for the timings
+        with profile(activities=activities) as profiler:
+            for _ in range(runs):
+                inference_speed.timed(function, 1)
+        kernels = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+        report[name] = {"kernels_per_first_token": len(kernels) / runs,
+                        "kernel_ms_per_first_token": sum(e.time_range.elapsed_us() for e in kernels) / runs / 1e3}
+        sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
+        tables.append(f"== {name}: {runs} first tokens, batch 1, {report[name]}\n"
+                      + profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+        trace = out / f"trace_{name}.json"
+        profiler.export_chrome_trace(str(trace))
+        with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
+            target.write(source.read())
+        trace.unlink()
+    (out / "profile.txt").write_text("\n\n".join(tables))
+    return report
+
+
 def training_throughput(ours, device: str, micro_batch: int, text_tokens: int, steps: int) -> dict:
     from mm_plugin.training.flops import training_flops
 
@@ -153,6 +187,9 @@ def main(argv=None) -> int:
     save()
     results["operations"] = inference_speed.operation_counts(hf, ours, args.shape, "bf16", [1], args.text_tokens, 8,
                                                              args.device)
+    save()
+    results["first_token_profile"] = first_token_profile(hf, ours, args.text_tokens, args.device, args.out)
+    print(json.dumps(results["first_token_profile"], indent=2), flush=True)
     save()
     del hf
     results["stage1_training"] = training_throughput(ours, args.device, args.micro_batch, args.text_tokens,

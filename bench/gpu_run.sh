@@ -31,7 +31,7 @@ CORE=/tmp/core:.
 
 if wants model; then
     step "model checks, 7B shape"
-    PYTHONPATH=$CORE timeout 200 python3 bench/gpu_checks.py --device cuda --repeats 7 --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log"
+    PYTHONPATH=$CORE timeout 300 python3 bench/gpu_checks.py --device cuda --repeats 7 --out "$OUT" 2>&1 | tee "$OUT/gpu_checks.log"
     echo "gpu_checks exit ${PIPESTATUS[0]}"
 fi
 
