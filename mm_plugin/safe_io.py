@@ -41,8 +41,21 @@ def _numpy_rng_types() -> list:
 
 
 def megatron_safe_globals() -> list:
-    """Extra types admitted when reading Megatron checkpoints (``model_optim_rng.pt``)."""
+    """Extra types admitted when reading Megatron checkpoints (``model_optim_rng.pt``, a dist_checkpointing
+    directory's ``common.pt``)."""
     return [argparse.Namespace, *_numpy_rng_types()]
+
+
+@contextlib.contextmanager
+def admitting_megatron_types() -> Iterator[None]:
+    """``torch.load(weights_only=True)`` admits :func:`megatron_safe_globals` inside the block.
+
+    ``torch.serialization.safe_globals`` un-registers its types on exit even where they were registered
+    before, and megatron-core registers ``argparse.Namespace`` for the whole process on import (what its
+    own checkpoint loading relies on), so only the types not yet registered are added and then removed."""
+    registered = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([t for t in megatron_safe_globals() if t not in registered]):
+        yield
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -75,7 +88,7 @@ def load_state(path: PathLike, *, mmap: bool = False, map_location: str = "cpu")
             "Convert it with `mm-convert clip --input ... --output converted_clip.pt`, which reads its tensors only."
         )
     try:
-        with torch.serialization.safe_globals(megatron_safe_globals()):
+        with admitting_megatron_types():
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(str(error))

@@ -60,19 +60,29 @@ def test_malicious_pickle_is_refused_by_the_cli(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "mlp.pt").exists()
 
 
-def test_export_with_load_lays_a_training_checkpoint_over_the_parts(megatron_single, tmp_path, capsys):
-    """Stage 1 trains the projector only; its checkpoint holds only that, the rest comes from the parts."""
+@pytest.mark.parametrize("saved_by", ["mm_plugin", "megatron-lm"])
+def test_export_with_load_lays_a_training_checkpoint_over_the_parts(megatron_single, tmp_path, capsys, saved_by):
+    """Stage 1 trains the projector only; our loop's checkpoint holds only that, the rest comes from the parts.
+    Megatron-LM's pretrain() saves every weight, and the model configuration among its arguments."""
     from mm_plugin.config.model import load_model_config, to_mindspeed_json
     from mm_plugin.training.checkpointing import save_checkpoint
+    from training_fixtures import save_as_megatron_lm
 
     base = tmp_path / "llava-mm"
     assert run(capsys, "llava-hf", "--input", fixtures.hf_llava_dir("gqa"), "--output", base)[0] == 0
     model = fixtures.load_converted(base / "model.json")
     with torch.no_grad():
         model.vision_projection.encoder.linear_fc1.weight.add_(1.0)
-    config = load_model_config(str(base / "model.json"))
-    save_checkpoint(tmp_path / "checkpoints", 7, model, None, None, consumed_samples=0,
-                    model_config=to_mindspeed_json(config), trainable_only=True, save_optimizer=False, save_rng=False)
+    config = to_mindspeed_json(load_model_config(str(base / "model.json")))
+    if saved_by == "mm_plugin":
+        save_checkpoint(tmp_path / "checkpoints", 7, model, None, None, consumed_samples=0, model_config=config,
+                        trainable_only=True, save_optimizer=False, save_rng=False)
+    else:
+        save_as_megatron_lm(tmp_path / "checkpoints", 7, model, config)
+        save_as_megatron_lm(tmp_path / "unknown-model", 7, model, None)
+        status, _, err = run(capsys, "export-hf", "--input", base, "--load", tmp_path / "unknown-model",
+                             "--output", tmp_path / "unknown")
+        assert status == 2 and "unknown-model" in err and "holds no mm_plugin model configuration" in err
 
     status, out, err = run(capsys, "export-hf", "--input", base, "--load", tmp_path / "checkpoints",
                            "--output", tmp_path / "llava-hf")

@@ -33,6 +33,20 @@ def test_a_megatron_checkpoint_with_args_and_rng_state_loads(tmp_path):
     assert torch.equal(loaded["model"]["w"], torch.arange(4.0))
 
 
+def test_loading_keeps_the_process_wide_registration_of_megatron_core(tmp_path):
+    """megatron-core registers argparse.Namespace for torch.load on import, and its own checkpoint loading
+    relies on that; torch's safe_globals context would un-register it on leaving."""
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        load_state(tmp_path / "plain.pt")
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def test_a_malicious_pickle_is_refused_never_run(tmp_path):
     marker = tmp_path / "created-by-the-pickle"
     torch.save({"w": torch.zeros(1), "payload": _CreatesFile(marker)}, tmp_path / "evil.pt")

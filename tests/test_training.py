@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training_fixtures import NaNFrom, argv, build_setup, model_json, train
+from training_fixtures import NaNFrom, argv, build_setup, model_json, save_as_megatron_lm, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +113,45 @@ def test_stage2_continues_from_stage1_and_learns(megatron_single, setup, tmp_pat
     llm = load_state(setup / "weights" / "llm.pt")
     assert not torch.equal(weights["language_model.decoder.layers.0.mlp.linear_fc2.weight"],
                            llm["decoder.layers.0.mlp.linear_fc2.weight"])
+
+
+def test_megatron_lms_pretrain_is_given_the_model_configuration_to_save(megatron_single, setup, monkeypatch):
+    """Megatron-LM keeps its arguments in every checkpoint: launch/pretrain.py adds model.json's configuration to
+    them, so its checkpoints say which model they hold (read by the test below and by mm-convert export-hf)."""
+    import importlib.machinery
+    import types
+
+    from mm_plugin.config.model import load_model_config, to_mindspeed_json
+    from mm_plugin.training import cli
+
+    called = {}
+    stock = types.ModuleType("megatron.training")
+    stock.__spec__ = importlib.machinery.ModuleSpec("megatron.training", None)
+    stock.get_args, stock.pretrain = None, lambda *arguments, **keywords: called.update(keywords)
+    monkeypatch.setitem(sys.modules, "megatron.training", stock)
+    cli.run(argv(setup, iterations=2))
+    saved = called["args_defaults"]["mm_model_config"]
+    assert saved == to_mindspeed_json(load_model_config(str(setup / "stage1.json")))
+    assert json.loads(json.dumps(saved)) == saved  # plain data: torch.load reads it back with weights_only
+
+
+def test_a_checkpoint_of_megatron_lms_pretrain_starts_a_finetune_but_is_not_resumed(megatron_single, setup, tmp_path):
+    """Its weights are ours (same layout, same keys); its optimizer, schedule and data position are Megatron-LM's
+    bookkeeping, so resuming it is left to Megatron-LM, with a message saying so."""
+    from convert_fixtures import load_converted
+    from mm_plugin.config.model import load_model_config, to_mindspeed_json
+    from mm_plugin.training.checkpointing import CheckpointError
+
+    model = load_converted(setup / "stage1.json")
+    frozen = "language_model.decoder.layers.0.mlp.linear_fc2.weight"  # frozen in stage 1: it keeps what is loaded
+    with torch.no_grad():
+        model.get_parameter(frozen).add_(1.0)
+    config = to_mindspeed_json(load_model_config(str(setup / "stage1.json")))
+    save_as_megatron_lm(tmp_path / "megatron-lm", 80, model, config)
+    with pytest.raises(CheckpointError, match=r"iter_0000080 was saved by Megatron-LM's pretrain\(\): resume it there"):
+        train(argv(setup, iterations=2, extra=("--load", str(tmp_path / "megatron-lm"))))
+    _, _, weights = train(argv(setup, iterations=2, extra=("--load", str(tmp_path / "megatron-lm"), "--finetune")))
+    assert torch.equal(weights[frozen], model.get_parameter(frozen))
 
 
 # --- numerical faults --------------------------------------------------------------------------

@@ -118,3 +118,23 @@ class NaNFrom:
             return output, loss_func
 
         return poisoned
+
+
+def save_as_megatron_lm(root: Path, iteration: int, model, model_config) -> Path:
+    """A checkpoint as Megatron-LM's pretrain() saves it through launch/pretrain.py: the same layout, every
+    weight of the model, and Megatron-LM's bookkeeping, its argument Namespace (holding ``mm_model_config``:
+    None saves one without it) in place of ours."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    from mm_plugin.training.checkpointing import TRACKER, iteration_dir
+
+    directory = iteration_dir(root, iteration)
+    directory.mkdir(parents=True)
+    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, bf16=True,
+                              **({} if model_config is None else {"mm_model_config": model_config}))
+    dist_checkpointing.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration,
+                             "model": model.sharded_state_dict()}, str(directory))
+    (root / TRACKER).write_text(f"{iteration}\n")
+    return directory

@@ -8,11 +8,16 @@ projector, megabytes, not the frozen 7B decoder), the optimizer, the LR schedule
 state, the data position (consumed samples) and the model configuration. Saving is atomic: all ranks
 write into ``iter_N.partial``, which is renamed to ``iter_N`` once complete; the tracker file is
 written last, so a crash leaves the previous checkpoint as the latest.
+
+Megatron-LM's stock ``pretrain()`` saves the same layout with its own bookkeeping: its arguments
+(where ``launch/pretrain.py`` puts the model configuration, ``mm_model_config``) instead of ours. Its
+weights read the same way (export, ``--finetune``); resuming one continues under Megatron-LM.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -25,7 +30,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from mm_plugin import device
-from mm_plugin.safe_io import write_text
+from mm_plugin.safe_io import admitting_megatron_types, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +196,8 @@ def load_model_weights(directory: Path, model, *, prefix: str = "", required: Op
             f"{'...' if len(missing) > 5 else ''} (stage 1 checkpoints hold only the trainable projector; "
             "to start a new stage from a checkpoint use --finetune)"
         )
-    loaded = dist_checkpointing.load({"model": wanted}, str(directory))["model"]
+    with admitting_megatron_types():  # the load reads common.pt too
+        loaded = dist_checkpointing.load({"model": wanted}, str(directory))["model"]
     model.load_state_dict(loaded, strict=False)
     return sorted(wanted)
 
@@ -204,14 +210,18 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     every trainable weight must be in the checkpoint.
     """
     directory, iteration = resolve_checkpoint(path)
+    common = common_state(directory)
+    if "mm_plugin" not in common and not finetune:
+        saved_model_config(directory, common)  # names a checkpoint that is not a training checkpoint at all
+        raise CheckpointError(f"{directory} was saved by Megatron-LM's pretrain(): resume it there (launch/pretrain.py "
+                              "with Megatron-LM on PYTHONPATH), or start a new run from its weights with --finetune")
     trainable = model_sharded_state(model, trainable_only=True)
     loaded_weights = load_model_weights(directory, model, required=None if finetune else set(trainable))
-    common = dist_checkpointing.load_common_state_dict(str(directory))
     request: dict[str, Any] = {}
     resume_optimizer = load_optimizer and not finetune and "opt_param_scheduler" in common
     if resume_optimizer:
         request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
-    layout_matches = common["mm_plugin"]["layout"] == _layout()
+    layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == _layout()
     saved_objects = {key.split(".")[0] for key in load_sharded_metadata(str(directory))}
     restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
     if load_rng and not finetune and not layout_matches:
@@ -220,7 +230,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     if restore_rng:
         request["rng_state"] = _rng_state()
     if request:
-        loaded = dist_checkpointing.load(request, str(directory))
+        with admitting_megatron_types():
+            loaded = dist_checkpointing.load(request, str(directory))
         if resume_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
             scheduler.load_state_dict(common["opt_param_scheduler"])
@@ -231,6 +242,33 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     if finetune:
         return 0, 0
     return iteration, int(common["consumed_train_samples"])
+
+
+def common_state(directory: Path) -> dict:
+    """A checkpoint's non-sharded objects. Megatron-LM's pretrain() stores its ``argparse.Namespace`` of
+    arguments there, which megatron-core 0.13+ registers as safe for ``torch.load`` and 0.12 does not."""
+    with admitting_megatron_types():
+        try:
+            return dist_checkpointing.load_common_state_dict(str(directory))
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()
+            raise CheckpointError(f"{directory}: its common state (common.pt) holds objects that torch will not "
+                                  f"load safely ({reason[0] if reason else 'unpickling refused'}); only "
+                                  "checkpoints of mm_plugin's loop or of Megatron-LM's pretrain() through "
+                                  "launch/pretrain.py are read") from None
+
+
+def saved_model_config(directory: Path, common: dict) -> dict:
+    """The model.json configuration a checkpoint was trained with: our loop's, or the one launch/pretrain.py
+    gives Megatron-LM's pretrain() to save among its arguments."""
+    if "mm_plugin" in common:
+        return common["mm_plugin"]["model_config"]
+    config = getattr(common.get("args"), "mm_model_config", None)
+    if config is None:
+        raise CheckpointError(f"{directory} holds no mm_plugin model configuration: it was saved neither by "
+                              "mm_plugin's loop nor by Megatron-LM's pretrain() through launch/pretrain.py, so "
+                              "which model its weights belong to is unknown")
+    return config
 
 
 def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -244,8 +282,8 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from mm_plugin.models.llava import LlavaModel
 
     directory, _ = resolve_checkpoint(path)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
-    config = from_mindspeed_json(common["mm_plugin"]["model_config"], source=f"{directory} (saved model config)")
+    config = from_mindspeed_json(saved_model_config(directory, common_state(directory)),
+                                 source=f"{directory} (saved model config)")
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise CheckpointError("read_model_tensors runs at tensor- and pipeline-parallel size 1")

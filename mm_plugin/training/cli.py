@@ -85,6 +85,7 @@ def _run_megatron_lm(args, model_config, data_config, providers, model_type):
     """Megatron-LM's own pretrain(), given our three functions and our flags as its extra arguments."""
     from megatron.training import get_args, pretrain
 
+    from mm_plugin.config.model import to_mindspeed_json
     from mm_plugin.data.errors import DataError
     from mm_plugin.training.arguments import build_parser
 
@@ -110,11 +111,12 @@ def _run_megatron_lm(args, model_config, data_config, providers, model_type):
     language = model_config.language
     # Megatron-LM wants a tokenizer of its own, a save interval with --save and an eval interval: the data's
     # tokenizer is data.json's, so it gets a stand-in of the model's vocabulary; without --save-interval it
-    # saves at the end of training only, and without --eval-interval it validates there only.
+    # saves at the end of training only, and without --eval-interval it validates there only. Its checkpoints
+    # keep its arguments: mm_model_config among them makes them readable without the model.json at hand.
     defaults = dict(dataloader_type="external", num_layers=language.num_layers, hidden_size=language.hidden_size,
                     num_attention_heads=language.num_attention_heads, max_position_embeddings=language.max_sequence_length,
                     tokenizer_type="NullTokenizer", vocab_size=language.vocab_size, save_interval=sys.maxsize,
-                    eval_interval=sys.maxsize)
+                    eval_interval=sys.maxsize, mm_model_config=to_mindspeed_json(model_config))
     logger.info("Megatron-LM found: running its pretrain() with mm_plugin's providers")
     return pretrain(datasets, providers.model_provider, model_type, providers.forward_step,
                     extra_args_provider=add_our_flags, args_defaults=defaults)
