@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mm_plugin import device
+
 BATCH = 64
 
 
@@ -26,7 +28,7 @@ def _model(out: Path):
     model = LlavaModel(config)
     load_parts(model, config)
     load_part_from_checkpoint(model, out / "checkpoints" / "stage1", "vision_projection.")
-    return model.eval()
+    return model.to(device.current()).eval()  # megatron builds its norms on the CPU
 
 
 def _held_out(out: Path, model):
@@ -47,7 +49,7 @@ def _mean_loss(model, batches, pad_token_id: int, transform) -> float:
     total, count = 0.0, 0.0
     with torch.no_grad():
         for batch in batches:
-            input_ids, labels, images, counts = transform(batch)
+            input_ids, labels, images, counts = (t.to(device.current()) for t in transform(batch))
             loss, mask = model(input_ids, labels, images, counts, pad_token_id=pad_token_id)
             total += float((loss * mask).sum())
             count += float(mask.sum())
