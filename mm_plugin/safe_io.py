@@ -41,8 +41,7 @@ def _numpy_rng_types() -> list:
 
 
 def megatron_safe_globals() -> list:
-    """Extra types admitted when reading Megatron checkpoints (``model_optim_rng.pt``, a dist_checkpointing
-    directory's ``common.pt``)."""
+    """Extra types admitted when reading Megatron checkpoints (``model_optim_rng.pt``)."""
     return [argparse.Namespace, *_numpy_rng_types()]
 
 

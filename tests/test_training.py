@@ -135,7 +135,7 @@ def test_megatron_lms_pretrain_is_given_the_model_configuration_to_save(megatron
     assert json.loads(json.dumps(saved)) == saved  # plain data: torch.load reads it back with weights_only
 
 
-@pytest.mark.compat  # megatron-core 0.12 does not register argparse.Namespace for torch.load
+@pytest.mark.compat  # megatron-core 0.12 reads common.pt its own way
 def test_a_checkpoint_of_megatron_lms_pretrain_starts_a_finetune_but_is_not_resumed(megatron_single, setup, tmp_path):
     """Its weights are ours (same layout, same keys); its optimizer, schedule and data position are Megatron-LM's
     bookkeeping, so resuming it is left to Megatron-LM, with a message saying so."""

@@ -30,7 +30,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from mm_plugin import device
-from mm_plugin.safe_io import admitting_megatron_types, write_text
+from mm_plugin.safe_io import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ def load_model_weights(directory: Path, model, *, prefix: str = "", required: Op
             f"{'...' if len(missing) > 5 else ''} (stage 1 checkpoints hold only the trainable projector; "
             "to start a new stage from a checkpoint use --finetune)"
         )
-    with admitting_megatron_types():  # the load reads common.pt too
-        loaded = dist_checkpointing.load({"model": wanted}, str(directory))["model"]
+    loaded = dist_checkpointing.load({"model": wanted}, str(directory))["model"]
     model.load_state_dict(loaded, strict=False)
     return sorted(wanted)
 
@@ -230,8 +229,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     if restore_rng:
         request["rng_state"] = _rng_state()
     if request:
-        with admitting_megatron_types():
-            loaded = dist_checkpointing.load(request, str(directory))
+        loaded = dist_checkpointing.load(request, str(directory))
         if resume_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
             scheduler.load_state_dict(common["opt_param_scheduler"])
@@ -246,16 +244,16 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
 
 def common_state(directory: Path) -> dict:
     """A checkpoint's non-sharded objects. Megatron-LM's pretrain() stores its ``argparse.Namespace`` of
-    arguments there, which megatron-core 0.13+ registers as safe for ``torch.load`` and 0.12 does not."""
-    with admitting_megatron_types():
-        try:
-            return dist_checkpointing.load_common_state_dict(str(directory))
-        except pickle.UnpicklingError as error:
-            reason = str(error).strip().splitlines()
-            raise CheckpointError(f"{directory}: its common state (common.pt) holds objects that torch will not "
-                                  f"load safely ({reason[0] if reason else 'unpickling refused'}); only "
-                                  "checkpoints of mm_plugin's loop or of Megatron-LM's pretrain() through "
-                                  "launch/pretrain.py are read") from None
+    arguments there: megatron-core 0.13+ reads them with ``torch.load(weights_only=True)``, which admits only
+    the types it registers on import (``safe_io.admitting_megatron_types`` keeps that registration)."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(directory))
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()
+        raise CheckpointError(f"{directory}: its common state (common.pt) holds objects that torch will not "
+                              f"load safely ({reason[0] if reason else 'unpickling refused'}); only "
+                              "checkpoints of mm_plugin's loop or of Megatron-LM's pretrain() through "
+                              "launch/pretrain.py are read") from None
 
 
 def saved_model_config(directory: Path, common: dict) -> dict:
