@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the a of photo man woman dog cat city street car tree sky beach house room table food people "
          "red blue green white black small large old new two three standing sitting with on in at near").split()
@@ -115,8 +117,7 @@ def main() -> None:
                                      str(path)], capture_output=True, text=True, check=True).stdout
             rows.append((label, json.loads(output.strip().splitlines()[-1])))
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}")
     print(f"{args.records} records, {size:.0f} MiB JSON; {args.workers} forked workers, each reading every record\n")
     print("| loader | start-up (s) | main process RSS (MiB) | per-worker private memory, USS (MiB) | per-worker PSS (MiB) |")

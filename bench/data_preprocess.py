@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mm_plugin.data.config import ImagePreprocessConfig  # noqa: E402
 from mm_plugin.data.images import ImageProcessor  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 
 def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
@@ -140,8 +141,7 @@ def main() -> None:
 
     rates = {name: len(paths) / total for name, total in seconds.items()}
     baseline = rates[next(iter(candidates))]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, Pillow {Image.__version__}, "
           f"numpy {np.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"{args.images} JPEGs, short side {args.shortest[0]}-{args.shortest[1]} px, aspect 0.6-1.8; 1 thread; "

@@ -42,6 +42,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from machine import cpu_name
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
@@ -263,8 +265,7 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
     else:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-        info["device"] = f"CPU {model}, {os.cpu_count()} cores"
+        info["device"] = f"CPU {cpu_name()}, {os.cpu_count()} cores"
     return info
 
 

@@ -41,11 +41,12 @@ def demo_run(tmp_path_factory):
     from pathlib import Path
 
     from process_pool import free_port
+    from seeds import OFFSET
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("demo") / "demo_out"
     python = Path(sys.executable)
-    env = dict(os.environ, DEMO_DIR=str(out), PYTHON=str(python), MASTER_PORT=str(free_port()),
+    env = dict(os.environ, DEMO_DIR=str(out), DEMO_SEED=str(OFFSET), PYTHON=str(python), MASTER_PORT=str(free_port()),
                PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(["bash", "examples/llava1.5/pretrain_llava1_5.sh", "--demo"], cwd=repo, env=env,

@@ -5,7 +5,6 @@ on 2 CPU cores); the tests then use its output through the Python API and the sh
 """
 
 import os
-import random
 import re
 import subprocess
 import sys
@@ -31,34 +30,18 @@ def demo(demo_run) -> Path:
     return demo_run  # the session's demo pretraining, shared with test_demo.py
 
 
-def _named(text: str, vocabulary) -> list[str]:
-    return [word for word in vocabulary if re.search(rf"\b{word}\b", text)]
-
-
-def _accuracy(answers, references, vocabulary) -> float:
-    hits = [_named(a, vocabulary)[:1] == _named(r, vocabulary)[:1] for a, r in zip(answers, references)]
-    return sum(hits) / len(hits)
-
-
 def test_held_out_images_are_described_far_above_chance(megatron_single, demo):
-    from mm_plugin.data.synthetic import COLOURS, SHAPES
-    from mm_plugin.inference.config import Query
-    from mm_plugin.inference.demo import demo_config
-    from mm_plugin.inference.pipeline import LlavaPipeline
+    from mm_plugin.inference.demo import attribute_accuracy, held_out_answers
 
-    config = demo_config(demo, queries=HELD_OUT)
-    pipe = LlavaPipeline.from_config(config, batch_size=32)
-    references = [query.reference for query in config.queries]
-    answers = [answer.text for answer in pipe.answer(config.queries)]
-    shuffled = [query.images for query in config.queries]
-    random.Random(0).shuffle(shuffled)
-    unrelated = [answer.text for answer in pipe.answer([Query("", images) for images in shuffled])]
-
-    colour, shape = _accuracy(answers, references, COLOURS), _accuracy(answers, references, SHAPES)
-    # Chance is 1/8 for the colour and 1/6 for the shape; another image's caption is about chance too.
-    assert colour >= 0.5 and shape >= 0.3, (colour, shape, answers[:8])
-    assert colour - _accuracy(unrelated, references, COLOURS) >= 0.3
-    assert all(answer.strip() and "\n" not in answer for answer in answers)  # a caption, ended by its newline
+    held_out = held_out_answers(demo, queries=HELD_OUT)
+    right = attribute_accuracy(held_out["answers"], held_out["references"])
+    another = attribute_accuracy(held_out["answers_images_shuffled"], held_out["references"])
+    # Chance is 1/8 for the colour, 1/6 for the shape and 1/5 for the position. bench/demo_seeds.py's
+    # worst run of 10 (5 seeds x 1 and 2 threads, BENCHMARKS.md) named each at least 95% of the time.
+    assert all(right[attribute] >= 0.75 for attribute in right), (right, held_out["answers"][:8])
+    # Another sample's image gives about chance: what the caption names comes from the image.
+    assert all(another[attribute] <= 0.4 for attribute in another), another
+    assert all(answer.strip() and "\n" not in answer for answer in held_out["answers"])  # a caption, ended by its newline
 
 
 def test_the_inference_script_runs_on_the_demo(demo):

@@ -17,18 +17,21 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 
 if [ "${1:-}" = "--demo" ]; then
-    # The embedded default: synthetic LLaVA-Pretrain-layout data and tokenizer, a tiny random CLIP and a tiny
-    # language model that first learns language (and in-context copying) from a text-only run of the same
-    # loop, both written as the converted part files model.json points to; then stage 1 exactly as a user
-    # runs it, on the CPU with 2 processes. See mm_plugin/training/demo.py.
+    # The embedded default: synthetic LLaVA-Pretrain-layout data and tokenizer, a tiny CLIP that first learns
+    # the pictures and a tiny language model that first learns language (and in-context copying) from a
+    # text-only run of the same loop, both written as the converted part files model.json points to; then
+    # stage 1 exactly as a user runs it, on the CPU with 2 processes. See mm_plugin/training/demo.py.
     # MM_PLUGIN_DEVICE=cuda DEMO_NPROC=1 runs it on one GPU instead (one process per GPU).
+    # DEMO_SEED=N varies the data sets, the vision tower and both training runs (bench/demo_seeds.py).
     export MM_PLUGIN_DEVICE=${MM_PLUGIN_DEVICE:-cpu}
     DEMO_NPROC=${DEMO_NPROC:-2}
+    DEMO_SEED=${DEMO_SEED:-0}
     OUT=${DEMO_DIR:-demo_out}
     DEMO_ARGS="--micro-batch-size 16 --global-batch-size 32 --seq-length 64 --lr-warmup-fraction 0.03 \
-        --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --log-interval 25 --num-workers 1"
+        --lr-decay-style cosine --weight-decay 0.0 --clip-grad 1.0 --log-interval 25 --num-workers 1 \
+        --seed $((1234 + DEMO_SEED))"
     rm -rf "$OUT"
-    "$PYTHON" -m mm_plugin.training.demo prepare "$OUT"
+    "$PYTHON" -m mm_plugin.training.demo prepare "$OUT" --seed "$DEMO_SEED"
     echo "== the language model learns language from text (a stand-in for Vicuna's pretraining)"
     "$PYTHON" -m torch.distributed.run --nproc-per-node "$DEMO_NPROC" --master-port "$MASTER_PORT" \
         launch/pretrain.py $DEMO_ARGS \

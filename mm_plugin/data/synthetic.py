@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,6 +89,28 @@ class Scene:
     def words(self) -> list[str]:
         """The caption's content words (the copy task's hint)."""
         return [self.colour, self.shape, *self.position.split()]
+
+    @property
+    def labels(self) -> tuple[int, int, int]:
+        """Class indices of colour, shape and position (in ``COLOURS``, ``SHAPES``, ``POSITIONS`` order)."""
+        return list(COLOURS).index(self.colour), SHAPES.index(self.shape), list(POSITIONS).index(self.position)
+
+
+def named_in(text: str) -> dict[str, Optional[str]]:
+    """The first colour, shape and position that ``text`` names (``None`` where it names none)."""
+    named = {}
+    for attribute, vocabulary in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS)):
+        found = [(match.start(), word) for word in vocabulary for match in re.finditer(rf"\b{word}\b", text)]
+        named[attribute] = min(found)[1] if found else None
+    return named
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a synthetic caption describes; ``ValueError`` when it names no colour, shape or position."""
+    named = named_in(caption)
+    if None in named.values():
+        raise ValueError(f"not a synthetic caption: {caption!r}")
+    return Scene(**named)
 
 
 def _scene(rng: np.random.Generator) -> Scene:

@@ -38,3 +38,33 @@ def demo_config(out: Path, queries: int = 8) -> InferenceConfig:
                  for record in records],
         source=str(out),
     )
+
+
+def held_out_answers(out: Path, queries: int = 128, batch_size: int = 32) -> dict[str, list[str]]:
+    """Greedy captions of the first ``queries`` held-out images, each with its own image and with another's.
+
+    Returns ``references`` (the true captions), ``answers`` and ``answers_images_shuffled`` (each query given
+    the image of another, in a fixed permutation), in query order. Needs a torch.distributed world of one.
+    """
+    import random
+
+    from mm_plugin.inference.pipeline import LlavaPipeline
+
+    config = demo_config(out, queries=queries)
+    pipe = LlavaPipeline.from_config(config, batch_size=batch_size)
+    shuffled = [query.images for query in config.queries]
+    random.Random(0).shuffle(shuffled)
+    return {
+        "references": [query.reference for query in config.queries],
+        "answers": [answer.text for answer in pipe.answer(config.queries)],
+        "answers_images_shuffled": [answer.text for answer in pipe.answer([Query("", images) for images in shuffled])],
+    }
+
+
+def attribute_accuracy(answers: list[str], references: list[str]) -> dict[str, float]:
+    """How often the first colour, shape and position an answer names are its reference caption's."""
+    from mm_plugin.data.synthetic import named_in
+
+    pairs = [(named_in(answer), named_in(reference)) for answer, reference in zip(answers, references)]
+    return {attribute: sum(said[attribute] == true[attribute] for said, true in pairs) / len(pairs)
+            for attribute in ("colour", "shape", "position")}

@@ -3,15 +3,18 @@
 ``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` calls these steps between its ``mm-data`` and
 ``torchrun launch/pretrain.py`` commands:
 
-    prepare OUT        synthetic LLaVA-Pretrain-layout data (train, held-out, a text-only copy task) with
-                       a sentencepiece tokenizer; a tiny random CLIP written as OUT/weights/converted_clip.pt
-                       (as a user's converted CLIP); model.json files for the two training runs
+    prepare OUT [--seed N]  synthetic LLaVA-Pretrain-layout data (train, held-out, a text-only copy task) with
+                       a sentencepiece tokenizer; a tiny CLIP that has learnt the training pictures, written as
+                       OUT/weights/converted_clip.pt (as a user's converted CLIP); model.json files for the two
+                       training runs
     export-lm CKPT OUT write the language model the text-only run trained as OUT/weights/converted_vicuna.pt
                        (as a user's converted Vicuna)
     evaluate OUT       the evidence that stage 1 learned from the pictures: held-out caption loss with the
-                       right images, with the images shuffled among samples, and of the language model alone
+                       right images, with the images shuffled among samples, and of the language model alone;
+                       how often held-out captions name the right colour, shape and position (evaluation.json)
 
-The tiny language model first learns language *and in-context copying* from the text-only run (captions
+Both frozen parts first learn what a real LLaVA's parts bring: the vision tower to see the pictures
+(demo_vision.py), the language model language *and in-context copying* from the text-only run (captions
 after a hint made of their words). A model trained on bare captions cannot learn to use the image: its
 words are independent, so it never learns to read its context, and stage 1 would only mute the image.
 """
@@ -66,34 +69,34 @@ def _synth(out: Path, kind: str, num: int, seed: int, tokenizer: Optional[Path] 
 
 def write_random_clip(path: Path, seed: int = 0) -> None:
     """A tiny CLIP vision tower with random weights, converted from Hugging Face's layout to a part file."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from mm_plugin.models.hf_keys import AttentionShape, to_ours
-    from mm_plugin.safe_io import save_state
+    from mm_plugin.training.demo_vision import build_clip, save_clip
 
     vision = _vision_config()
-    config = CLIPVisionConfig(hidden_size=vision["hidden_size"], intermediate_size=vision["ffn_hidden_size"],
-                              num_hidden_layers=vision["num_layers"], num_attention_heads=vision["num_attention_heads"],
-                              image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    torch.manual_seed(seed)
-    state = CLIPVisionModel(config).state_dict()
-    heads = vision["num_attention_heads"]
-    shape = AttentionShape(heads, heads, vision["hidden_size"] // heads)
-    part = dict(to_ours("vision", vision["num_layers"], shape, state.__getitem__))
-    save_state(part, path)
+    save_clip(build_clip(vision, IMAGE_SIZE, PATCH_SIZE, seed), vision, path)
 
 
-def prepare(out: Path) -> None:
-    """Data, tokenizer, the random CLIP part file and both model.json files."""
+def write_seeing_clip(path: Path, data_json: Path, seed: int) -> None:
+    """The tiny CLIP after it has learnt the synthetic pictures of ``data_json`` (see demo_vision.py)."""
+    from mm_plugin.training.demo_vision import build_clip, save_clip, teach_to_see
+
+    vision = _vision_config()
+    model = build_clip(vision, IMAGE_SIZE, PATCH_SIZE, seed)
+    accuracy = teach_to_see(model, vision["select_layer"], data_json, seed)
+    save_clip(model, vision, path)
+    print(f"the vision tower learnt the training pictures (shapes of its last batch named {100 * accuracy:.0f}%)")
+
+
+def prepare(out: Path, seed: int = 0) -> None:
+    """Data, tokenizer, the vision tower's part file and both model.json files; ``seed`` varies all of them."""
     from mm_plugin.data.tokenization import load_tokenizer
     from mm_plugin.safe_io import write_text
 
-    _synth(out / "data" / "train", "pretrain", TRAIN_RECORDS, seed=0)
+    _synth(out / "data" / "train", "pretrain", TRAIN_RECORDS, seed=3 * seed)
     tokenizer = out / "data" / "train" / "tokenizer"
-    _synth(out / "data" / "heldout", "pretrain", HELDOUT_RECORDS, seed=1, tokenizer=tokenizer)
-    _synth(out / "data" / "text", "text", TEXT_RECORDS, seed=2, tokenizer=tokenizer)
+    _synth(out / "data" / "heldout", "pretrain", HELDOUT_RECORDS, seed=3 * seed + 1, tokenizer=tokenizer)
+    _synth(out / "data" / "text", "text", TEXT_RECORDS, seed=3 * seed + 2, tokenizer=tokenizer)
     vocab = len(load_tokenizer(tokenizer))
-    write_random_clip(out / "weights" / "converted_clip.pt")
+    write_seeing_clip(out / "weights" / "converted_clip.pt", out / "data" / "train" / "data.json", seed)
     write_text(out / "model_lm.json",
                json.dumps(model_json(vocab, language_ckpt=None, train_language=True), indent=2) + "\n")
     write_text(out / "model.json", json.dumps(
@@ -124,7 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mm_plugin.training.demo")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("prepare").add_argument("out", type=Path)
+    prepare_parser = commands.add_parser("prepare")
+    prepare_parser.add_argument("out", type=Path)
+    prepare_parser.add_argument("--seed", type=int, default=0, help="varies the data sets and the vision tower")
     export = commands.add_parser("export-lm")
     export.add_argument("checkpoint", type=Path)
     export.add_argument("output", type=Path)
@@ -132,13 +137,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.command == "prepare":
-        prepare(args.out)
+        prepare(args.out, args.seed)
     elif args.command == "export-lm":
         export_language_model(args.checkpoint, args.output)
     else:
-        from mm_plugin.training.demo_evaluation import print_report
+        from mm_plugin.training.demo_evaluation import evaluate
 
-        print_report(args.out)
+        evaluate(args.out)
     return 0
 
 

@@ -5,11 +5,14 @@
 * ``language_model_alone``: the language model on the same captions without any image.
 
 Learning from pictures means ``with_images`` well below both others: the model reads the image, and
-what it reads is specific to that image.
+what it reads is specific to that image. Then the model captions held-out images (greedy, as ``mm-infer``
+does), and the colour, shape and position its captions name are compared with the truth, with the right
+image and with another sample's.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -86,12 +89,30 @@ def demo_losses(out: str | Path) -> dict[str, float]:
             (("with_images", _as_is), ("images_shuffled", _shuffled), ("language_model_alone", _without_images))}
 
 
-def print_report(out: str | Path) -> dict[str, float]:
+CHANCE = {"colour": 1 / 8, "shape": 1 / 6, "position": 1 / 5}
+
+
+def evaluate(out: str | Path) -> dict:
+    """Held-out losses and attribute accuracies, printed and written to ``OUT/evaluation.json``."""
+    from mm_plugin.inference.demo import attribute_accuracy, held_out_answers
+    from mm_plugin.safe_io import write_text
+
+    out = Path(out)
     losses = demo_losses(out)
+    held_out = held_out_answers(out)
+    named = {"right_image": attribute_accuracy(held_out["answers"], held_out["references"]),
+             "another_image": attribute_accuracy(held_out["answers_images_shuffled"], held_out["references"])}
     print("held-out caption loss (per token):")
     for name, value in losses.items():
         print(f"  {name:<22} {value:.4f}")
     alone = losses["language_model_alone"]
     print(f"  the images cut the language model's loss by {100 * (1 - losses['with_images'] / alone):.0f}%; "
           f"shuffled images give {losses['images_shuffled']:.4f}")
-    return losses
+    print(f"held-out images captioned ({len(held_out['answers'])}): how often the caption names what is in the image")
+    print(f"  {'':<24}{'right image':>12}{'another image':>15}")
+    for attribute, chance in CHANCE.items():
+        print(f"  {f'{attribute} (chance {100 * chance:.0f}%)':<24}{100 * named['right_image'][attribute]:>11.0f}%"
+              f"{100 * named['another_image'][attribute]:>14.0f}%")
+    report = {"losses": losses, "named": named, "examples": list(zip(held_out["references"], held_out["answers"]))[:8]}
+    write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
+    return report
