@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model_fixtures import SHAPES, tiny_hf_llava
+from seeds import varied
 
 ROOT = Path(tempfile.mkdtemp(prefix="mm_convert_tests."))
 atexit.register(shutil.rmtree, ROOT, True)
@@ -96,7 +97,7 @@ def _wide_llava():
                                                  tie_word_embeddings=False),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu", image_seq_length=4, image_token_index=5)
-    torch.manual_seed(4)
+    torch.manual_seed(varied(4))
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -179,7 +180,7 @@ CLIP_SPEC = dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2, nu
 def clip_vision_model():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(3)
+    torch.manual_seed(varied(3))
     model = CLIPVisionModel(CLIPVisionConfig(**CLIP_SPEC)).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -254,7 +255,7 @@ def openai_visual_state() -> dict:
         "visual.conv1.weight": hf["embeddings.patch_embedding.weight"],
         "visual.ln_pre.weight": hf["pre_layrnorm.weight"], "visual.ln_pre.bias": hf["pre_layrnorm.bias"],
         "visual.ln_post.weight": hf["post_layernorm.weight"], "visual.ln_post.bias": hf["post_layernorm.bias"],
-        "visual.proj": torch.randn(hidden, 16, generator=torch.Generator().manual_seed(1)),
+        "visual.proj": torch.randn(hidden, 16, generator=torch.Generator().manual_seed(varied(1))),
     }
     for i in range(layers):
         ours, theirs = f"visual.transformer.resblocks.{i}.", f"encoder.layers.{i}."
@@ -271,7 +272,7 @@ def openai_visual_state() -> dict:
 
 def openai_text_state() -> dict:
     """A stand-in for OpenAI CLIP's text tower (not converted; must be left out)."""
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(varied(2))
     return {"token_embedding.weight": torch.randn(64, 16, generator=generator),
             "positional_embedding": torch.randn(8, 16, generator=generator),
             "ln_final.weight": torch.ones(16), "ln_final.bias": torch.zeros(16),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from seeds import varied
+
 IMAGE = -200
 HF_IMAGE_TOKEN = 5  # a real row of the tiny vocabularies below, as 32000 is in llava-1.5-7b-hf
 
@@ -35,7 +37,7 @@ def tiny_hf_llava(shape: str, seed: int = 0):
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=HF_IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu", image_seq_length=patches)
-    torch.manual_seed(seed)
+    torch.manual_seed(varied(seed))
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # HF initialises some tensors to constants; random values test more
         for name, parameter in model.named_parameters():
@@ -69,7 +71,7 @@ def mixed_batch(shape: str, seed: int = 0):
     """Four samples: one image, two images, a text-only one, and an image mid-text; right-padded."""
     spec = SHAPES[shape]
     vocab, size = spec["text"]["vocab_size"], spec["vision"]["image_size"]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(varied(seed))
 
     def words(n):
         return torch.randint(6, vocab, (n,), generator=generator).tolist()

@@ -13,6 +13,9 @@ import sys
 import pytest
 
 from subprocesses import finish, start_python
+from seeds import varied
+
+pytestmark = pytest.mark.numeric
 
 STUBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stubs")
 BYPASS = ["mindspeed.attention_mask_factory", "mindspeed.attention_mask_forward"]
@@ -116,7 +119,7 @@ def _check():
 
     arguments.set_args(micro_batch_size=BATCH, seq_length=SEQUENCE)  # as MindSpeed parses them at start-up
     attention = _attention()
-    torch.manual_seed(0)
+    torch.manual_seed(varied(0))
     query, key, value = (torch.randn(SEQUENCE, BATCH, HEADS, HEAD_DIM) for _ in range(3))
     padding = torch.zeros(BATCH, 1, SEQUENCE, SEQUENCE, dtype=torch.bool)
     padding[1, :, :, -2:] = True  # the second sample's last two positions are padding; no causal part

@@ -14,6 +14,9 @@ from mm_plugin.convert.sources import open_hf_directory
 from mm_plugin.models.hf_keys import llava_hf_to_ours
 from mm_plugin.safe_io import load_state
 from model_fixtures import SHAPES, hf_reference, mixed_batch
+from seeds import varied
+
+pytestmark = pytest.mark.numeric
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def test_separately_converted_parts_export_to_a_working_hugging_face_llava(tmp_p
     assert any("grown from 100 to 128 rows" in note for note in summary.notes)
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
-    image = Image.fromarray((torch.rand(50, 60, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    image = Image.fromarray((torch.rand(50, 60, 3, generator=torch.Generator().manual_seed(varied(0))) * 255).byte().numpy())
     inputs = processor(text="USER: <image>\nwhat is at the top left ASSISTANT:", images=image, return_tensors="pt")
     image_id = model.config.image_token_index
     assert image_id == vocabulary and (inputs["input_ids"] == image_id).sum() == model.config.image_seq_length == 9
@@ -149,7 +152,7 @@ def test_separately_converted_parts_export_to_a_working_hugging_face_llava(tmp_p
 def test_trained_weights_replace_the_parts_own(imported, tmp_path):
     base = imported("gqa")
     ours = load_state(base / "converted_vicuna.pt")
-    projector = torch.randn(60, 48, generator=torch.Generator().manual_seed(5))
+    projector = torch.randn(60, 48, generator=torch.Generator().manual_seed(varied(5)))
     padded = torch.cat([ours["embedding.word_embeddings.weight"], torch.zeros(2, 60)])  # TP's padding rows
     summary = export_hf(base, tmp_path / "hf", progress=False, trained={
         "vision_projection.encoder.linear_fc1.weight": projector,

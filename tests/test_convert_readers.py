@@ -14,10 +14,11 @@ from mm_plugin.convert.plan import Planned
 from mm_plugin.convert.sources import open_hf_directory, open_safetensors, open_torch_file
 from mm_plugin.convert.writers import write_safetensors, write_torch
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError
+from seeds import varied
 
 
 def tensors_to_save():
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(varied(0))
     base = torch.randn(6, 8, generator=generator)
     return {
         "block": {"weight": base, "half": torch.randn(5, generator=generator).half(),

@@ -9,7 +9,8 @@ import torch
 from tiny_megatron import SEQUENCE, batches, clip_block, clip_config, clip_layer_spec, ddp_and_optimizer, gpt, \
     gpt_config, run_schedule
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA megatron-core runs unadapted")
+pytestmark = [pytest.mark.numeric,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA megatron-core runs unadapted")]
 
 
 def _parallel(tp=1, pp=1, seed=1234):

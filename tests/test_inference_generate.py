@@ -8,6 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_fixtures import HF_IMAGE_TOKEN, IMAGE, SHAPES, our_config, our_full_state, tiny_hf_llava
+from seeds import varied
+
+pytestmark = pytest.mark.numeric
 
 NEW_TOKENS = 12
 PAD = 0
@@ -35,7 +38,7 @@ def requests_for(shape: str, seed: int = 0):
     from mm_plugin.inference.generate import Request
 
     vocab, size = SHAPES[shape]["text"]["vocab_size"], SHAPES[shape]["vision"]["image_size"]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(varied(seed))
 
     def words(n):
         return torch.randint(6, vocab, (n,), generator=generator).tolist()
@@ -140,7 +143,7 @@ def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direc
 
     _, model = models[shape]
     vocab = SHAPES[shape]["text"]["vocab_size"]
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(varied(3))
     rows = [torch.randint(6, vocab, (n,), generator=generator) for n in (11, 7, 9)]
     steps = 5
     prompt = max(len(r) for r in rows) - steps
@@ -166,7 +169,7 @@ def test_direct_image_features_are_the_megatron_modules_features(models, shape):
 
     _, model = models[shape]
     size = SHAPES[shape]["vision"]["image_size"]
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(varied(7)))
     assert direct_layers.runs_direct(model.vision_model, model.vision_model.decoder.layers)
     with torch.no_grad():
         expected = model.image_features(images)
@@ -295,7 +298,7 @@ def test_the_cpu_only_prompt_paths_give_hugging_faces_tokens(models, shape, monk
 def test_causal_attention_in_query_chunks_is_the_whole_causal_attention(groups, padded, monkeypatch):
     from mm_plugin.inference import direct_layers
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(varied(0))
     batch, heads, length, cached, dim = 2, 4, 11, 5, 8  # 11 new positions after 5 cached ones
     query = torch.randn(batch, heads, length, dim, generator=generator)
     key, value = (torch.randn(batch, groups, cached + length, dim, generator=generator) for _ in range(2))
@@ -314,7 +317,7 @@ def test_a_cpu_mlp_over_row_chunks_or_with_gate_and_up_apart_is_the_mlp(models, 
 
     _, model = models["gqa"]
     mlp = model.language_model.decoder.layers[0].mlp
-    x = torch.randn(550, 2, mlp.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(550, 2, mlp.config.hidden_size, generator=torch.Generator().manual_seed(varied(0)))
     with torch.no_grad():
         whole = direct_layers.mlp_forward(mlp, x)  # 1100 rows: gate and up as two products
         monkeypatch.setattr(direct_layers, "CPU_INTERMEDIATE_BYTES", 0)  # chunks of 512 rows: 512, 512 and 76
@@ -333,7 +336,7 @@ def test_a_cpu_mlp_over_row_chunks_or_with_gate_and_up_apart_is_the_mlp(models, 
 def test_the_cpu_rms_norm_gives_torchs_bits_and_leaves_its_input(dtype, shape):
     from mm_plugin.inference.direct_layers import norm
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(varied(0))
     x = (torch.randn(*shape, generator=generator) * 3).to(dtype)
     before = x.clone()
     for module in (torch.nn.RMSNorm(shape[-1], eps=1e-5), torch.nn.LayerNorm(shape[-1])):  # LayerNorm: the module runs
@@ -348,7 +351,7 @@ def test_the_cpu_rms_norm_gives_torchs_bits_and_leaves_its_input(dtype, shape):
 def test_rotation_is_llama_rope_to_the_bit_for_queries_and_keys_together(dtype):
     from mm_plugin.inference.kv_cache import KVCache
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(varied(0))
     length, batch, groups, per_group, dim = 5, 2, 3, 2, 8
     angles = torch.rand(length, batch, 1, dim, generator=generator) * 40  # positions up to ~40 radians
     qkv = torch.randn(length, batch, groups, per_group + 2, dim, generator=generator).to(dtype)

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from model_fixtures import HF_IMAGE_TOKEN, IMAGE, SHAPES, our_config, our_full_state, tiny_hf_llava
+from seeds import varied
+
+pytestmark = pytest.mark.numeric
 
 SHAPE = "gqa"  # every head count divides by 2; the vocabulary (202) gets padding rows
 
@@ -21,7 +24,7 @@ def _generate_on_rank(tensor_parallel: int, settings: dict):
     config = our_config(hf)
     model = LlavaModel(config).eval()
     load_full_state_dict(model, our_full_state(hf, config), vocab_size=config.language.vocab_size)
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(varied(5))
     words = lambda n: torch.randint(6, config.language.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
     size = SHAPES[SHAPE]["vision"]["image_size"]
     images = torch.randn(3, 3, size, size, generator=generator)

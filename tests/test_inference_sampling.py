@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from mm_plugin.inference.sampling import GenerationConfig, GenerationConfigError, TokenSelector
+from seeds import varied
+
+pytestmark = pytest.mark.numeric
 
 VOCAB = 50
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ def hugging_face_scores(logits, history, settings):
     dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=0.8),
 ])
 def test_processed_scores_equal_hugging_face(settings):
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(varied(0))
     logits = torch.randn(4, VOCAB, generator=generator) * 3
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (3, 7, 1, 12)]
     never = [4, 9]
@@ -53,7 +56,7 @@ def test_processed_scores_equal_hugging_face(settings):
 
 
 def test_greedy_is_the_arg_max_of_the_processed_scores():
-    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(varied(1)))
     selector = TokenSelector(GenerationConfig(repetition_penalty=2.0), VOCAB, [int(logits[0].argmax())],
                              [[int(logits[1].argmax())], [], []], torch.device("cpu"))
     expected = selector.scores(logits, 0).argmax(dim=-1)
@@ -67,7 +70,7 @@ def test_sampling_is_seeded_and_follows_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-30.0] * (VOCAB - 4)]).repeat(4000, 1)
 
     def draw(seed):
-        config = GenerationConfig(do_sample=True, seed=seed)
+        config = GenerationConfig(do_sample=True, seed=varied(seed))
         return TokenSelector(config, VOCAB, [], [[]] * 4000, torch.device("cpu"))(logits, 0)
 
     first, again, other = draw(0), draw(0), draw(1)
@@ -77,7 +80,7 @@ def test_sampling_is_seeded_and_follows_the_distribution():
 
 
 def test_top_k_one_and_temperature_zero_are_greedy():
-    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(2))
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(varied(2)))
     greedy = logits.argmax(dim=-1)
     for config in (GenerationConfig(do_sample=True, top_k=1), GenerationConfig(do_sample=True, temperature=0.0)):
         assert torch.equal(TokenSelector(config, VOCAB, [], [[]] * 5, torch.device("cpu"))(logits, 0), greedy)

@@ -9,6 +9,8 @@ import torch
 
 from model_fixtures import IMAGE, hf_reference, mixed_batch, our_config, our_full_state, tiny_hf_llava
 
+pytestmark = pytest.mark.numeric
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,8 @@ import torch
 
 from tiny_megatron import batches, ddp_and_optimizer, gpt, gpt_config, run_schedule
 
+pytestmark = pytest.mark.numeric
+
 
 def _plain_gpt_run():
     """Logits, losses, gradients and the parameters after one Adam step, from a fixed start (TP=2)."""

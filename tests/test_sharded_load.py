@@ -11,6 +11,8 @@ import torch
 from tiny_megatron import PADDED_VOCAB, VOCAB, batches, clip_block, gpt, gpt_config, random_full_state_dict, \
     run_schedule
 
+pytestmark = pytest.mark.numeric
+
 SEED = 1234
 
 

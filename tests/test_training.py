@@ -12,6 +12,8 @@ import torch
 
 from training_fixtures import NaNFrom, argv, build_setup, model_json, save_as_megatron_lm, train
 
+pytestmark = pytest.mark.numeric
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from seeds import varied
+
 VOCAB = 101
 PADDED_VOCAB = 104
 SEQUENCE = 8
@@ -85,7 +87,7 @@ def clip_block(config=None):
 
 def batches(seed: int, count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` micro-batches of (tokens, next-token labels), the same on every rank."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(varied(seed))
     tokens = [torch.randint(0, VOCAB, (MICRO_BATCH, SEQUENCE + 1), generator=generator) for _ in range(count)]
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
@@ -130,7 +132,7 @@ def random_full_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
     parallel(1, 1, seed=seed)
     reference = gpt(gpt_config(tensor_model_parallel_size=1, pipeline_model_parallel_size=1))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(varied(seed))
     full = {}
     for key, value in reference.state_dict().items():
         if isinstance(value, torch.Tensor):

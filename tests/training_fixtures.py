@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from seeds import varied
+
 IMAGE_SIZE = 56
 
 
@@ -25,18 +27,18 @@ def build_setup(root: Path) -> Path:
     from mm_plugin.safe_io import save_state
     from mm_plugin.training.demo import write_random_clip
 
-    synthesize(root / "pretrain", 96, kind="pretrain", seed=0, image_size=IMAGE_SIZE, workers=1)
+    synthesize(root / "pretrain", 96, kind="pretrain", seed=varied(0), image_size=IMAGE_SIZE, workers=1)
     tokenizer = root / "pretrain" / "tokenizer"
-    synthesize(root / "instruct", 96, kind="instruct", seed=1, image_size=IMAGE_SIZE, tokenizer=tokenizer, workers=1)
+    synthesize(root / "instruct", 96, kind="instruct", seed=varied(1), image_size=IMAGE_SIZE, tokenizer=tokenizer, workers=1)
     vocab = len(load_tokenizer(tokenizer))
     weights = root / "weights"
-    write_random_clip(weights / "clip.pt", seed=3)
-    torch.manual_seed(4)
+    write_random_clip(weights / "clip.pt", seed=varied(3))
+    torch.manual_seed(varied(4))
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                          rms_norm_eps=1e-6, tie_word_embeddings=False)).state_dict()
     save_state(dict(to_ours("language", 2, AttentionShape(4, 2, 16), llama.__getitem__)), weights / "llm.pt")
-    generator = torch.Generator().manual_seed(5)
+    generator = torch.Generator().manual_seed(varied(5))
     projector = {"encoder.linear_fc1.weight": torch.randn(64, 64, generator=generator) * 0.05,
                  "encoder.linear_fc1.bias": torch.zeros(64),
                  "encoder.linear_fc2.weight": torch.randn(64, 64, generator=generator) * 0.05,
