@@ -160,6 +160,9 @@ def build_data_iterators(
             collate_fn=Collator(pad_token_id),
             pin_memory=config.pin_memory and device.kind() != "cpu",
             persistent_workers=num_workers > 0,
+            # Its workers' base seed comes from this generator, not the global one: building the data
+            # iterators must not move the model's random state (dropout after an exact resume).
+            generator=torch.Generator().manual_seed(seed),
         )
         return BadSampleGuard(iter(loader), config.max_bad_fraction, min(1000, len(dataset)),
                               str(dataset.index.source))

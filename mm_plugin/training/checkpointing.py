@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -221,7 +222,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     if resume_optimizer:
         request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
     layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == _layout()
-    saved_objects = {key.split(".")[0] for key in load_sharded_metadata(str(directory))}
+    # A sharded object's key is "rng_state" plus its shard: "rng_state/shard_0.0.0_1.1.1" on megatron-core
+    # 0.16, a dotted suffix on older lines; a tensor's is its dotted name.
+    saved_objects = {re.split(r"[./]", key, maxsplit=1)[0] for key in load_sharded_metadata(str(directory))}
     restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
     if load_rng and not finetune and not layout_matches:
         logger.warning("%s was saved with parallel layout %s, this run is %s: RNG states are not restored",
