@@ -119,6 +119,33 @@ def test_bad_fraction_limit_stops_with_a_clear_message(dirty):
     assert "max_bad_fraction=10.00%" in message and "missing_image" in message and "mm-data check" in message
 
 
+def test_a_run_of_bad_records_counts_each_once_as_the_check_does(tmp_path):
+    """One missing image folder makes a contiguous block of bad records: each is one bad record per epoch,
+    in the training limit as in ``mm-data check``, not once for every sample that passes over it."""
+    import json
+    import shutil
+
+    from mm_plugin.data.check import check_dataset
+
+    folder = tmp_path / "blocked"
+    shutil.copytree(synthetic("pretrain", 40), folder)
+    records = json.loads((folder / "pretrain.json").read_text())
+    for record in records[10:16]:
+        record["image"] = "missing/" + record["image"]
+    (folder / "pretrain.json").write_text(json.dumps(records))
+    config = load_data_config(folder / "data.json")
+    config.max_bad_fraction = 0.2  # 6 of 40 = 15%: within the limit
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    dataset, _ = build_datasets(config, tokenizer, image_tokens=16, model_max_length=64)
+    report = check_dataset(dataset, max_bad_fraction=config.max_bad_fraction, progress=False)
+    assert report["bad"] == 6 and report["fit_to_train"]
+    train, _ = build_data_iterators(config, tokenizer, micro_batch_size=4, data_parallel_rank=0,
+                                    data_parallel_size=1, consumed_samples=0, seed=0, num_workers=0,
+                                    image_size=56, patch_size=14, model_max_length=64)
+    epoch = list(itertools.islice(train, 10))  # 40 samples, every position once
+    assert bad_counts_by_reason(sum(batch["bad_counts"] for batch in epoch)) == {"missing_image": 6}
+
+
 def test_validation_split_is_held_out_and_fixed():
     folder = synthetic("pretrain", 64)
     config = load_data_config(folder / "data.json")

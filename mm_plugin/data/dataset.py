@@ -1,9 +1,11 @@
 """The LLaVA dataset: record -> (input_ids, labels, images), with bad records replaced and counted.
 
 ``dataset[i]`` is a pure function of the data and ``i``: if record ``i`` is bad it is replaced by the
-next valid record (``i+1``, ``i+2``, ... wrapping around), and the reasons of every record skipped on the
-way travel with the sample, so the collated batch can count them. A restarted run therefore sees the same
-samples, replacements included, and a DataLoader worker never fails on bad data.
+next valid record (``i+1``, ``i+2``, ... wrapping around), and record ``i``'s reason travels with the
+sample, so the collated batch can count it. Bad records passed over on the way are counted when their
+own position is read: each bad record counts once per epoch, as ``mm-data check`` counts it, however long
+the run of bad records it stands in. A restarted run therefore sees the same samples, replacements
+included, and a DataLoader worker never fails on bad data.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     # -- with replacement -----------------------------------------------------------------------------
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        """Sample ``position``, or the next valid one; ``bad`` lists ``(reason, message)`` of those skipped."""
+        """Sample ``position``, or the next valid one; ``bad`` holds ``(reason, message)`` of record ``position``
+        when it was bad (the others skipped are counted at their own positions)."""
         bad: list[tuple[str, str]] = []
         for step in range(min(len(self), MAX_CONSECUTIVE_BAD)):
             current = (position + step) % len(self)
@@ -156,7 +159,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             except BadSample as error:
                 bad.append((error.reason, self.describe_bad(current, error)))
                 continue
-            sample["bad"] = bad
+            sample["bad"] = bad[:1]
             return sample
         reasons = sorted({reason for reason, _ in bad})
         raise DataError(
