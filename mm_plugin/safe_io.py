@@ -3,6 +3,8 @@
 * ``load_state``: ``.safetensors`` through safetensors; ``.pt``/``.bin`` through
   ``torch.load(weights_only=True)``, admitting exactly the extra types real Megatron checkpoints hold
   (``argparse.Namespace`` args, numpy RNG state). Anything else in a pickle is refused, never run.
+* ``check_dist_checkpoint``: the same for every pickle of a ``dist_checkpointing`` directory, before
+  megatron-core and torch read it (torch unpickles its ``.metadata`` unrestricted).
 * ``atomic_path`` / ``save_state`` / ``write_text``: write beside the target and rename into place, so a
   crash never leaves a half-written file under the final name.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import pickle
 import tempfile
@@ -86,20 +89,107 @@ def load_state(path: PathLike, *, mmap: bool = False, map_location: str = "cpu")
             f"{path}: is a TorchScript archive (code plus weights); it is never loaded as a pickle. "
             "Convert it with `mm-convert clip --input ... --output converted_clip.pt`, which reads its tensors only."
         )
+    return _load_pickled(path, str(path), map_location=map_location, mmap=mmap)
+
+
+def _load_pickled(source: Union[Path, io.BytesIO], where: str, **load_args) -> Any:
+    """``torch.load(weights_only=True)`` of a file or buffer; errors name ``where``."""
     try:
         with admitting_megatron_types():
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(source, weights_only=True, **load_args)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(str(error))
         if "global" not in reason.lower():
-            raise WeightFileError(f"{path}: not a readable PyTorch weight file ({reason})") from error
+            raise WeightFileError(f"{where}: not a readable PyTorch weight file ({reason})") from error
         raise UnsafeFileError(
-            f"{path}: refused to load: {reason.rstrip('.')}. Only tensors, containers, argparse.Namespace and numpy RNG "
-            "state are admitted, and nothing in the file was executed. If you trust the file, re-save its "
+            f"{where}: refused to load: {reason.rstrip('.')}. Only tensors, containers, argparse.Namespace and numpy "
+            "RNG state are admitted, and nothing in the file was executed. If you trust the file, re-save its "
             "tensors as .safetensors in a sandbox and use that."
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise WeightFileError(f"{path}: not a readable PyTorch weight file ({error})") from error
+        raise WeightFileError(f"{where}: not a readable PyTorch weight file ({error})") from error
+
+
+# What torch.distributed.checkpoint's ``.metadata`` pickle refers to (torch reads it with plain pickle.load):
+# its metadata and plan dataclasses and enums, megatron-core 0.12's plan subclass, and the values inside.
+_CHECKPOINT_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "megatron.core.dist_checkpointing.strategies.torch": {"MCoreSavePlan"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _CheckpointMetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals in ``_CHECKPOINT_METADATA_CLASSES`` (and torch dtypes); refuses the rest."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _CHECKPOINT_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeFileError(f"it refers to {module}.{name}, which a checkpoint's metadata never holds")
+
+
+def check_dist_checkpoint(directory: PathLike) -> None:
+    """Read every pickle of a ``dist_checkpointing`` directory without executing anything, and check that
+    every shard its metadata names is there, whole. Raises ``UnsafeFileError`` or ``WeightFileError`` naming
+    the file; after it returns, megatron-core and torch read the same files safely.
+
+    * ``.metadata`` (torch reads it with plain ``pickle.load``): unpickled with an allow-list of classes;
+    * the pickled objects stored in the ``.distcp`` shards (RNG states; torch loads them with
+      ``weights_only=False``) and ``common.pt`` (megatron-core 0.12 loads it unrestricted): loaded as
+      :func:`load_state` loads a ``.pt`` file;
+    * every shard the metadata points into exists and is long enough (a truncated or deleted shard).
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
+    directory = Path(directory)
+    metadata_file = directory / ".metadata"
+    if not metadata_file.is_file():
+        raise WeightFileError(f"{metadata_file}: missing: the checkpoint is incomplete")
+    try:
+        with open(metadata_file, "rb") as handle:
+            metadata = _CheckpointMetadataUnpickler(handle).load()
+    except UnsafeFileError as error:
+        raise UnsafeFileError(f"{metadata_file}: refused to load: {error}. Nothing in it was executed; a "
+                              "checkpoint from an untrusted source may carry code") from None
+    except Exception as error:  # a damaged pickle fails in many ways; each means the same here
+        raise WeightFileError(f"{metadata_file}: truncated or damaged ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise WeightFileError(f"{metadata_file}: holds a {type(metadata).__name__}, not a checkpoint's metadata")
+
+    sizes: dict[str, int] = {}
+    for index, storage in metadata.storage_data.items():
+        name = storage.relative_path
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise UnsafeFileError(f"{metadata_file}: names the shard {name!r}, which is not a file in {directory}")
+        if name not in sizes:
+            shard = directory / name
+            if not shard.is_file():
+                raise WeightFileError(f"{shard}: missing (named by {metadata_file}): the checkpoint is incomplete")
+            sizes[name] = shard.stat().st_size
+        if storage.offset + storage.length > sizes[name]:
+            raise WeightFileError(f"{directory / name}: truncated: {sizes[name]} bytes, but {index.fqn} needs bytes "
+                                  f"{storage.offset}-{storage.offset + storage.length}")
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, BytesStorageMetadata):
+            storage = metadata.storage_data[MetadataIndex(fqn)]
+            if getattr(storage, "transform_descriptors", None):  # torch 2.7+: e.g. compressed
+                raise WeightFileError(f"{directory / storage.relative_path}: object {fqn} is stored transformed "
+                                      f"({storage.transform_descriptors}), which this reader cannot verify")
+            with open(directory / storage.relative_path, "rb") as handle:
+                handle.seek(storage.offset)
+                blob = handle.read(storage.length)
+            _load_pickled(io.BytesIO(blob), f"{directory / storage.relative_path} (object {fqn})")
+    if (directory / "common.pt").is_file():
+        load_state(directory / "common.pt")
 
 
 def _unpickler_reason(message: str) -> str:

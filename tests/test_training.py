@@ -3,6 +3,8 @@ freezing, and clear errors before any compute."""
 
 import json
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +199,91 @@ def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(megatron_single, 
     assert latest_iteration(save) == 2
     tensors = read_model_tensors(save)
     assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+# --- checkpoints that cannot run code, damaged checkpoints ---------------------------------------
+
+class _CreatesFile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def saved(megatron_single, setup, tmp_path_factory):
+    """A stage-1 checkpoint (2 iterations); each test damages its own copy (``_copy``)."""
+    save = tmp_path_factory.mktemp("saved") / "ckpt"
+    train(argv(setup, iterations=2, extra=("--save", str(save))))
+    return save
+
+
+def _copy(saved, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    shutil.copytree(saved, tmp_path / "ckpt")
+    return tmp_path / "ckpt", tmp_path / "ckpt" / "iter_0000002"
+
+
+def _read_with(entry: str, setup, save: Path) -> None:
+    """Read ``save`` as each entry point does: --load (resume), --load --finetune, export-hf / the demo."""
+    from mm_plugin.training.checkpointing import read_model_tensors
+
+    if entry == "export":
+        read_model_tensors(save)
+    else:
+        extra = ("--load", str(save)) + (("--finetune",) if entry == "finetune" else ())
+        train(argv(setup, iterations=3, extra=extra))
+
+
+@pytest.mark.compat  # megatron-core 0.12 unpickles common.pt itself, unrestricted
+@pytest.mark.parametrize("entry", ["resume", "finetune", "export"])
+@pytest.mark.parametrize("planted_in", [".metadata", "common.pt"])
+def test_a_payload_planted_in_a_checkpoint_is_refused_never_run(megatron_single, setup, saved, tmp_path,
+                                                               entry, planted_in):
+    """torch.distributed.checkpoint unpickles ``.metadata`` unrestricted, megatron-core 0.12 ``common.pt``."""
+    from mm_plugin.training.checkpointing import CheckpointError
+
+    marker = tmp_path / "created-by-the-pickle"
+    save, directory = _copy(saved, tmp_path)
+    if planted_in == ".metadata":
+        (directory / ".metadata").write_bytes(pickle.dumps({"planner_data": _CreatesFile(marker)}))
+    else:
+        torch.save({"args": _CreatesFile(marker)}, directory / "common.pt")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(planted_in)}.*refused to load: .*system"):
+        _read_with(entry, setup, save)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "empty shard", "deleted shard", "deleted .metadata",
+                                    "truncated .metadata", "truncated common.pt"])
+def test_an_incomplete_checkpoint_is_named_not_a_worker_traceback(megatron_single, setup, saved, tmp_path, damage):
+    from mm_plugin.training.checkpointing import CheckpointError
+
+    save, directory = _copy(saved, tmp_path)
+    shard = directory / "__0_0.distcp"
+    named = {"truncated shard": (shard, r"truncated: \d+ bytes"), "empty shard": (shard, r"truncated: 0 bytes"),
+             "deleted shard": (shard, "missing"), "deleted .metadata": (directory / ".metadata", "missing"),
+             "truncated .metadata": (directory / ".metadata", "truncated or damaged"),
+             "truncated common.pt": (directory / "common.pt", "not a readable PyTorch weight file")}
+    path, reason = named[damage]
+    if damage.startswith("deleted"):
+        path.unlink()
+    else:
+        path.write_bytes(b"" if damage == "empty shard" else path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + reason):
+        _read_with("resume", setup, save)
+
+
+def test_cli_a_planted_checkpoint_is_one_error_line(setup, saved, tmp_path):
+    marker = tmp_path / "created-by-the-pickle"
+    save, directory = _copy(saved, tmp_path)
+    (directory / ".metadata").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    result = _cli(*argv(setup, iterations=3, extra=("--load", str(save))))
+    assert result.returncode != 0 and not marker.exists()
+    assert "Traceback" not in result.stderr
+    assert re.search(r"^mm-pretrain: error: .*\.metadata: refused to load", result.stderr, flags=re.MULTILINE)
 
 
 # --- bad input, before any compute ---------------------------------------------------------------

@@ -31,7 +31,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from mm_plugin import device
-from mm_plugin.safe_io import write_text
+from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[int]]:
         )
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory}: incomplete or not a dist_checkpointing checkpoint (no metadata.json)")
+    try:  # before megatron-core or torch unpickle anything of it
+        check_dist_checkpoint(directory)
+    except (UnsafeFileError, WeightFileError) as error:
+        raise CheckpointError(str(error)) from None
     return directory, iteration
 
 
