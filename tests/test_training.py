@@ -227,18 +227,24 @@ def _copy(saved, tmp_path) -> tuple[Path, Path]:
 
 
 def _read_with(entry: str, setup, save: Path) -> None:
-    """Read ``save`` as each entry point does: --load (resume), --load --finetune, export-hf / the demo."""
+    """Read ``save`` as each entry point does: --load (resume), --load --finetune, export-hf / the demo, and
+    inference with a part's ``ckpt_path`` naming the checkpoint."""
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.models.loading import load_part_from_checkpoint
     from mm_plugin.training.checkpointing import read_model_tensors
 
     if entry == "export":
         read_model_tensors(save)
+    elif entry == "inference":
+        load_part_from_checkpoint(LlavaModel(load_model_config(str(setup / "stage1.json"))), save, "vision_projection.")
     else:
         extra = ("--load", str(save)) + (("--finetune",) if entry == "finetune" else ())
         train(argv(setup, iterations=3, extra=extra))
 
 
 @pytest.mark.compat  # megatron-core 0.12 unpickles common.pt itself, unrestricted
-@pytest.mark.parametrize("entry", ["resume", "finetune", "export"])
+@pytest.mark.parametrize("entry", ["resume", "finetune", "export", "inference"])
 @pytest.mark.parametrize("planted_in", [".metadata", "common.pt"])
 def test_a_payload_planted_in_a_checkpoint_is_refused_never_run(megatron_single, setup, saved, tmp_path,
                                                                entry, planted_in):
