@@ -248,8 +248,10 @@ def _read_with(entry: str, setup, save: Path) -> None:
 @pytest.mark.parametrize("planted_in", [".metadata", "common.pt"])
 def test_a_payload_planted_in_a_checkpoint_is_refused_never_run(megatron_single, setup, saved, tmp_path,
                                                                entry, planted_in):
-    """torch.distributed.checkpoint unpickles ``.metadata`` unrestricted, megatron-core 0.12 ``common.pt``."""
+    """torch.distributed.checkpoint unpickles ``.metadata`` unrestricted, megatron-core 0.12 ``common.pt``.
+    The attacker rewrites the manifest too, so the checksums pass and the pickle itself must be refused."""
     from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.training.manifest import write_manifest
 
     marker = tmp_path / "created-by-the-pickle"
     save, directory = _copy(saved, tmp_path)
@@ -257,27 +259,61 @@ def test_a_payload_planted_in_a_checkpoint_is_refused_never_run(megatron_single,
         (directory / ".metadata").write_bytes(pickle.dumps({"planner_data": _CreatesFile(marker)}))
     else:
         torch.save({"args": _CreatesFile(marker)}, directory / "common.pt")
+    write_manifest(directory)
     with pytest.raises(CheckpointError, match=rf"{re.escape(planted_in)}.*refused to load: .*system"):
         _read_with(entry, setup, save)
     assert not marker.exists()
 
 
+def _damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "emptied":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flipped: a few bytes in the middle, same size
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 4] = bytes(255 - b for b in data[middle:middle + 4])
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("entry", ["resume", "export"])
+@pytest.mark.parametrize("file, how", [("__0_0.distcp", "flipped"), ("__0_1.distcp", "flipped"),
+                                       ("common.pt", "flipped"), ("__0_0.distcp", "truncated"),
+                                       ("__0_0.distcp", "deleted"), (".metadata", "emptied")])
+def test_damaged_bytes_stop_the_load_naming_the_file_and_the_last_good_checkpoint(
+        megatron_single, setup, tmp_path, entry, file, how):
+    """Flipped bytes in a weight or optimizer shard used to load silently (and train on)."""
+    from mm_plugin.training.checkpointing import CheckpointError
+
+    save = tmp_path / "ckpt"
+    train(argv(setup, iterations=4, extra=("--save", str(save), "--save-interval", "2")))
+    _damage(save / "iter_0000004" / file, how)
+    expected = {"flipped": "damaged: its CRC-32 differs", "truncated": "bytes, \\d+ when it was saved",
+                "deleted": "missing", "emptied": "0 bytes"}[how]
+    with pytest.raises(CheckpointError, match=re.escape(str(save / "iter_0000004" / file)) + ".*" + expected
+                       + ".*" + re.escape(f"--load {save / 'iter_0000002'}")):
+        _read_with(entry, setup, save)
+
+
 @pytest.mark.parametrize("damage", ["truncated shard", "empty shard", "deleted shard", "deleted .metadata",
                                     "truncated .metadata", "truncated common.pt"])
-def test_an_incomplete_checkpoint_is_named_not_a_worker_traceback(megatron_single, setup, saved, tmp_path, damage):
+def test_an_incomplete_checkpoint_without_a_manifest_is_named_not_a_worker_traceback(
+        megatron_single, setup, saved, tmp_path, damage):
+    """Checkpoints saved without a manifest (Megatron-LM's pretrain(), older versions) are still checked."""
     from mm_plugin.training.checkpointing import CheckpointError
 
     save, directory = _copy(saved, tmp_path)
+    (directory / "manifest.json").unlink()
     shard = directory / "__0_0.distcp"
     named = {"truncated shard": (shard, r"truncated: \d+ bytes"), "empty shard": (shard, r"truncated: 0 bytes"),
              "deleted shard": (shard, "missing"), "deleted .metadata": (directory / ".metadata", "missing"),
              "truncated .metadata": (directory / ".metadata", "truncated or damaged"),
              "truncated common.pt": (directory / "common.pt", "not a readable PyTorch weight file")}
     path, reason = named[damage]
-    if damage.startswith("deleted"):
-        path.unlink()
-    else:
-        path.write_bytes(b"" if damage == "empty shard" else path.read_bytes()[: path.stat().st_size // 2])
+    _damage(path, damage.split()[0].replace("empty", "emptied"))
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + reason):
         _read_with("resume", setup, save)
 
@@ -286,6 +322,7 @@ def test_cli_a_planted_checkpoint_is_one_error_line(setup, saved, tmp_path):
     marker = tmp_path / "created-by-the-pickle"
     save, directory = _copy(saved, tmp_path)
     (directory / ".metadata").write_bytes(pickle.dumps(_CreatesFile(marker)))
+    (directory / "manifest.json").unlink()
     result = _cli(*argv(setup, iterations=3, extra=("--load", str(save))))
     assert result.returncode != 0 and not marker.exists()
     assert "Traceback" not in result.stderr

@@ -7,7 +7,9 @@ A checkpoint holds the model weights (by default only the trainable ones: a stag
 projector, megabytes, not the frozen 7B decoder), the optimizer, the LR scheduler, every rank's RNG
 state, the data position (consumed samples) and the model configuration. Saving is atomic: all ranks
 write into ``iter_N.partial``, which is renamed to ``iter_N`` once complete; the tracker file is
-written last, so a crash leaves the previous checkpoint as the latest.
+written last, so a crash leaves the previous checkpoint as the latest. Before the rename every file's
+size and CRC-32 go into ``manifest.json``; a load verifies the files against it, and reads every pickle without
+executing it (``safe_io.check_dist_checkpoint``), before megatron-core reads anything.
 
 Megatron-LM's stock ``pretrain()`` saves the same layout with its own bookkeeping: its arguments
 (where ``launch/pretrain.py`` puts the model configuration, ``mm_model_config``) instead of ours. Its
@@ -32,6 +34,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from mm_plugin import device
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint, write_text
+from mm_plugin.training.manifest import verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ def holds_checkpoint(path: str | Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[int]]:
-    """``SAVE`` (use its tracker) or an ``iter_N`` directory -> (directory, iteration)."""
+    """``SAVE`` (use its tracker) or an ``iter_N`` directory -> (directory, iteration), verified (collective
+    when torch.distributed is initialised): its files match its manifest and its pickles need no code."""
     path = Path(path)
     iteration = latest_iteration(path)
     if iteration is not None:
@@ -79,11 +83,32 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[int]]:
         )
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory}: incomplete or not a dist_checkpointing checkpoint (no metadata.json)")
+    _verify(directory, iteration)
+    return directory, iteration
+
+
+def _verify(directory: Path, iteration: int) -> None:
+    """The checkpoint's files match its manifest and none of its pickles needs code (collective)."""
+    damage = verify_manifest(directory)
+    if damage:
+        older = next((older for older in _older_checkpoints(directory.parent, iteration)
+                      if verify_manifest(older) is None), None)
+        raise CheckpointError(
+            f"{damage}. {directory} is damaged and is not loaded; "
+            + (f"{older} verifies: pass --load {older} to go on from it (or restore the file from a copy)"
+               if older else "no older checkpoint beside it verifies: restore the file from a copy")
+        )
     try:  # before megatron-core or torch unpickle anything of it
         check_dist_checkpoint(directory)
     except (UnsafeFileError, WeightFileError) as error:
         raise CheckpointError(str(error)) from None
-    return directory, iteration
+
+
+def _older_checkpoints(root: Path, iteration: int) -> list[Path]:
+    """The ``iter_N`` directories under ``root`` before ``iteration``, newest first."""
+    found = [(int(path.name[5:]), path) for path in root.glob("iter_*")
+             if path.is_dir() and path.name[5:].isdigit() and int(path.name[5:]) < iteration]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 # --- what goes in ----------------------------------------------------------------------------
@@ -154,6 +179,8 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
     if save_rng:
         state["rng_state"] = _rng_state()
     dist_checkpointing.save(state, str(partial))
+    torch.distributed.barrier()
+    write_manifest(partial)  # before the tracker moves: a listed checkpoint always has its manifest
     torch.distributed.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)

@@ -1,0 +1,90 @@
+"""What verifying a checkpoint costs next to loading it: manifest hashing and the pickle check vs dist_checkpointing.load.
+
+Saves a dist_checkpointing checkpoint of ``--gib`` GiB of float32 weights in this process (a world of one;
+``mm_plugin.training.checkpointing.save_checkpoint``'s manifest step included), then, ``--rounds`` times
+each with the files in the page cache as a load right after a save finds them:
+
+* ``dist_checkpointing.load`` of every tensor (what a resume reads);
+* ``verify_manifest`` (CRC-32 of every file, the part of the check that grows with the checkpoint);
+* ``check_dist_checkpoint`` (the pickles read without executing them: .metadata, common.pt, RNG objects).
+
+    python bench/checkpoint_verify.py [--gib 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_name  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    import mm_plugin  # noqa: F401  (patches: megatron-core on the CPU)
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from mm_plugin.parallel.world import join_world, set_model_parallel
+    from mm_plugin.safe_io import check_dist_checkpoint
+    from mm_plugin.training.manifest import verify_manifest, write_manifest
+
+    join_world()
+    set_model_parallel(1, 1)
+    rows = 4096
+    count = max(1, round(args.gib * 2**30 / (rows * rows * 4)))
+
+    def state(fill):
+        return {f"layer{k}.weight": ShardedTensor.from_rank_offsets(f"layer{k}.weight", fill((rows, rows)))
+                for k in range(count)}
+
+    with tempfile.TemporaryDirectory(prefix="ckpt-verify-", dir=os.environ.get("TMPDIR")) as folder:
+        directory = Path(folder) / "iter_0000001"
+        directory.mkdir()
+        dist_checkpointing.save(state(torch.randn), str(directory))
+        start = time.perf_counter()
+        write_manifest(directory)
+        write_seconds = time.perf_counter() - start
+        size = sum(path.stat().st_size for path in directory.iterdir()) / 2**30
+        times = {"load": [], "manifest": [], "pickles": []}
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            dist_checkpointing.load(state(torch.empty), str(directory))
+            times["load"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert verify_manifest(directory) is None
+            times["manifest"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            check_dist_checkpoint(directory)
+            times["pickles"].append(time.perf_counter() - start)
+
+    best = {name: min(values) for name, values in times.items()}
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; one process")
+    print(f"checkpoint: {count} float32 tensors of {rows}x{rows}, {size:.2f} GiB on disk; best of {args.rounds}, "
+          "files in the page cache\n")
+    print("| step | seconds | GiB/s | share of the load |")
+    print("|---|---|---|---|")
+    print(f"| dist_checkpointing.load | {best['load']:.2f} | {size / best['load']:.2f} | 100% |")
+    for name, label in (("manifest", "verify_manifest (CRC-32 of every file)"),
+                        ("pickles", "check_dist_checkpoint (pickles, shard sizes)")):
+        print(f"| {label} | {best[name]:.2f} | {size / best[name]:.2f} | {100 * best[name] / best['load']:.0f}% |")
+    print(f"| write_manifest at save | {write_seconds:.2f} | {size / write_seconds:.2f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
