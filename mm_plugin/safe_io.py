@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import pickle
 import tempfile
@@ -146,11 +147,19 @@ def check_dist_checkpoint(directory: PathLike) -> None:
     * the pickled objects stored in the ``.distcp`` shards (RNG states; torch loads them with
       ``weights_only=False``) and ``common.pt`` (megatron-core 0.12 loads it unrestricted): loaded as
       :func:`load_state` loads a ``.pt`` file;
-    * every shard the metadata points into exists and is long enough (a truncated or deleted shard).
+    * every shard the metadata points into exists and is long enough (a truncated or deleted shard), and
+      ``metadata.json`` is dist_checkpointing's.
     """
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
     directory = Path(directory)
+    backend_file = directory / "metadata.json"  # dist_checkpointing's format marker
+    try:
+        backend = json.loads(backend_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise WeightFileError(f"{backend_file}: missing or damaged ({type(error).__name__}: {error})") from None
+    if not isinstance(backend, dict) or not isinstance(backend.get("sharded_backend"), str):
+        raise WeightFileError(f"{backend_file}: not dist_checkpointing's metadata (no sharded_backend)")
     metadata_file = directory / ".metadata"
     if not metadata_file.is_file():
         raise WeightFileError(f"{metadata_file}: missing: the checkpoint is incomplete")

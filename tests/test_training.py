@@ -299,7 +299,7 @@ def test_damaged_bytes_stop_the_load_naming_the_file_and_the_last_good_checkpoin
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "empty shard", "deleted shard", "deleted .metadata",
-                                    "truncated .metadata", "truncated common.pt"])
+                                    "truncated .metadata", "truncated common.pt", "garbage metadata.json"])
 def test_an_incomplete_checkpoint_without_a_manifest_is_named_not_a_worker_traceback(
         megatron_single, setup, saved, tmp_path, damage):
     """Checkpoints saved without a manifest (Megatron-LM's pretrain(), older versions) are still checked."""
@@ -311,9 +311,10 @@ def test_an_incomplete_checkpoint_without_a_manifest_is_named_not_a_worker_trace
     named = {"truncated shard": (shard, r"truncated: \d+ bytes"), "empty shard": (shard, r"truncated: 0 bytes"),
              "deleted shard": (shard, "missing"), "deleted .metadata": (directory / ".metadata", "missing"),
              "truncated .metadata": (directory / ".metadata", "truncated or damaged"),
-             "truncated common.pt": (directory / "common.pt", "not a readable PyTorch weight file")}
+             "truncated common.pt": (directory / "common.pt", "not a readable PyTorch weight file"),
+             "garbage metadata.json": (directory / "metadata.json", "missing or damaged")}
     path, reason = named[damage]
-    _damage(path, damage.split()[0].replace("empty", "emptied"))
+    _damage(path, damage.split()[0].replace("empty", "emptied").replace("garbage", "flipped"))
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*" + reason):
         _read_with("resume", setup, save)
 
