@@ -338,6 +338,32 @@ def _cli(*arguments, env_extra=None):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("flag, value, reason", [
+    ("--seq-length", "0", "must be at least 1, got 0"), ("--micro-batch-size", "0", "must be at least 1, got 0"),
+    ("--train-iters", "-1", "must be at least 1, got -1"), ("--lr", "nan", "must be at least 0 and finite, got nan"),
+    ("--lr", "-1e-3", "must be at least 0 and finite, got -1e-3"), ("--num-workers", "-1", "must be at least 0, got -1"),
+    ("--adam-beta2", "1", "must be at least 0 and below 1, got 1"),
+    ("--lr-warmup-fraction", "1.5", "must be at least 0 and at most 1, got 1.5"),
+    ("--global-batch-size", "four", "expected a whole number, got 'four'"),
+])
+def test_a_value_out_of_range_names_its_flag(setup, capsys, flag, value, reason):
+    from mm_plugin.training.arguments import parse_args
+
+    arguments = [argument for argument in argv(setup) if argument != flag]
+    if flag in argv(setup):  # drop the fixture's value too
+        del arguments[argv(setup).index(flag)]
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(arguments + [f"{flag}={value}"])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: {reason}" in capsys.readouterr().err
+
+
+def test_cli_a_value_out_of_range_is_one_error_line(setup):
+    result = _cli(*argv(setup), "--micro-batch-size=0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: argument --micro-batch-size: must be at least 1, got 0" in result.stderr
+
+
 def test_cli_global_batch_not_divisible(setup):
     result = _cli(*argv(setup, micro_batch=3, global_batch=4))
     assert result.returncode == 2

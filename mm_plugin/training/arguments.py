@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from typing import Callable, Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,42 @@ class ArgumentError(ValueError):
     """An argument combination that cannot run; raised before any compute."""
 
 
+def _integer(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _real(low: float = 0.0, high: float = math.inf, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (high_open and value == high):
+            bound = f"below {high:g}" if high_open else (f"at most {high:g}" if math.isfinite(high) else "finite")
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} and {bound}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = _integer(1), _integer(0), _real(0.0, 1.0)
+
+
 def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="LLaVA-1.5 pretraining on megatron-core (Megatron-LM compatible flags)",
@@ -53,24 +90,24 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     mm.add_argument("--mm-tool", default=None, help="accepted for MindSpeed-MM scripts; no effect")
 
     parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--context-parallel-size", type=int, default=1)
+    parallel.add_argument("--tensor-model-parallel-size", type=POSITIVE, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=POSITIVE, default=1)
+    parallel.add_argument("--context-parallel-size", type=POSITIVE, default=1)
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     parallel.add_argument("--overlap-grad-reduce", action="store_true")
     parallel.add_argument("--distributed-backend", default=None)
-    parallel.add_argument("--distributed-timeout-minutes", type=int, default=30)
+    parallel.add_argument("--distributed-timeout-minutes", type=POSITIVE, default=30)
 
     batch = parser.add_argument_group("batches and length")
-    batch.add_argument("--micro-batch-size", type=int, required=True)
-    batch.add_argument("--global-batch-size", type=int, default=None,
+    batch.add_argument("--micro-batch-size", type=POSITIVE, required=True)
+    batch.add_argument("--global-batch-size", type=POSITIVE, default=None,
                        help="default: micro-batch size x data-parallel size")
-    batch.add_argument("--seq-length", type=int, required=True,
+    batch.add_argument("--seq-length", type=POSITIVE, required=True,
                        help="decoder length, each image counted as its image tokens (model_max_length)")
-    batch.add_argument("--train-iters", type=int, default=None)
-    batch.add_argument("--train-samples", type=int, default=None)
-    batch.add_argument("--num-workers", type=int, default=2)
+    batch.add_argument("--train-iters", type=POSITIVE, default=None)
+    batch.add_argument("--train-samples", type=POSITIVE, default=None)
+    batch.add_argument("--num-workers", type=NON_NEGATIVE, default=2)
     batch.add_argument("--seed", type=int, default=1234)
     batch.add_argument("--position-embedding-type", default="rope", choices=["rope"])
     batch.add_argument("--tokenizer-type", default=None)
@@ -82,36 +119,36 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
 
     optim = parser.add_argument_group("optimizer and schedule")
     optim.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    optim.add_argument("--lr", type=float, required=True)
-    optim.add_argument("--min-lr", type=float, default=0.0)
+    optim.add_argument("--lr", type=_real(), required=True)
+    optim.add_argument("--min-lr", type=_real(), default=0.0)
     optim.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine"])
-    optim.add_argument("--lr-warmup-fraction", type=float, default=None)
-    optim.add_argument("--lr-warmup-iters", type=int, default=0)
-    optim.add_argument("--lr-decay-iters", type=int, default=None)
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    optim.add_argument("--clip-grad", type=float, default=1.0, help="0 turns clipping off")
-    optim.add_argument("--adam-beta1", type=float, default=0.9)
-    optim.add_argument("--adam-beta2", type=float, default=0.999)
-    optim.add_argument("--adam-eps", type=float, default=1e-8)
+    optim.add_argument("--lr-warmup-fraction", type=FRACTION, default=None)
+    optim.add_argument("--lr-warmup-iters", type=NON_NEGATIVE, default=0)
+    optim.add_argument("--lr-decay-iters", type=POSITIVE, default=None)
+    optim.add_argument("--weight-decay", type=_real(), default=0.0)
+    optim.add_argument("--clip-grad", type=_real(), default=1.0, help="0 turns clipping off")
+    optim.add_argument("--adam-beta1", type=_real(0.0, 1.0, high_open=True), default=0.9)
+    optim.add_argument("--adam-beta2", type=_real(0.0, 1.0, high_open=True), default=0.999)
+    optim.add_argument("--adam-eps", type=_real(), default=1e-8)
 
     precision = parser.add_argument_group("precision")
     precision.add_argument("--bf16", action="store_true")
     precision.add_argument("--fp16", action="store_true")
-    precision.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
-    precision.add_argument("--min-loss-scale", type=float, default=1.0)
-    precision.add_argument("--loss-scale-window", type=int, default=1000)
-    precision.add_argument("--hysteresis", type=int, default=2)
-    precision.add_argument("--loss-scale", type=float, default=None, help="a static loss scale (fp16)")
+    precision.add_argument("--initial-loss-scale", type=_real(1.0), default=2.0 ** 16)
+    precision.add_argument("--min-loss-scale", type=_real(1.0), default=1.0)
+    precision.add_argument("--loss-scale-window", type=POSITIVE, default=1000)
+    precision.add_argument("--hysteresis", type=POSITIVE, default=2)
+    precision.add_argument("--loss-scale", type=_real(1.0), default=None, help="a static loss scale (fp16)")
 
     recompute = parser.add_argument_group("activation recompute")
     recompute.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     recompute.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
-    recompute.add_argument("--recompute-num-layers", type=int, default=None)
+    recompute.add_argument("--recompute-num-layers", type=POSITIVE, default=None)
 
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save", default=None)
     checkpoint.add_argument("--load", default=None)
-    checkpoint.add_argument("--save-interval", type=int, default=None)
+    checkpoint.add_argument("--save-interval", type=POSITIVE, default=None)
     checkpoint.add_argument("--save-frozen", action="store_true",
                             help="also save frozen weights (default: only the trainable ones)")
     checkpoint.add_argument("--no-save-optim", action="store_true")
@@ -121,19 +158,19 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     checkpoint.add_argument("--finetune", action="store_true",
                             help="load only the model weights and start at iteration 0")
     checkpoint.add_argument("--ckpt-format", default=None)
-    checkpoint.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration")
+    checkpoint.add_argument("--exit-interval", type=POSITIVE, default=None, help="stop after this iteration")
 
     logging_group = parser.add_argument_group("logging")
-    logging_group.add_argument("--log-interval", type=int, default=10)
+    logging_group.add_argument("--log-interval", type=POSITIVE, default=10)
     logging_group.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
-    logging_group.add_argument("--eval-interval", type=int, default=None)
+    logging_group.add_argument("--eval-interval", type=POSITIVE, default=None)
     logging_group.add_argument("--eval-iters", type=int, default=None)
-    logging_group.add_argument("--eval-batches", type=int, default=10)
-    logging_group.add_argument("--peak-tflops", type=float, default=None,
+    logging_group.add_argument("--eval-batches", type=NON_NEGATIVE, default=10)
+    logging_group.add_argument("--peak-tflops", type=_real(), default=None,
                                help="peak dense TFLOP/s of one device for MFU (default: known GPUs)")
 
     faults = parser.add_argument_group("numerical faults")
-    faults.add_argument("--max-skipped-iterations", type=int, default=10,
+    faults.add_argument("--max-skipped-iterations", type=POSITIVE, default=10,
                         help="stop after this many iterations in a row skipped for a NaN/Inf loss or gradient")
 
     ignored = parser.add_argument_group("accepted from MindSpeed-MM scripts without effect here")
