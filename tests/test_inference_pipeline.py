@@ -204,21 +204,29 @@ def test_a_training_checkpoint_directory_as_ckpt_path(pipe, converted, images, t
 
     _, folder = converted
     model = pipe.model
+
+    def answer() -> list[int]:
+        return pipe.answer([_query("What is it?", [images[0]])], max_new_tokens=NEW_TOKENS, pad_token_id=0)[0].tokens
+
+    untrained = answer()
     original = [p.detach().clone() for p in model.vision_projection.parameters()]
     try:
         generator = torch.Generator().manual_seed(varied(0))
-        with torch.no_grad():  # "training" that changes what the model sees in the image
-            for parameter in model.vision_projection.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 3)
+        for _ in range(8):  # "training" that changes what the model answers (a random tiny model may ignore
+            with torch.no_grad():  # one draw of the projector: its answer is then the untrained one)
+                for parameter in model.vision_projection.parameters():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 3)
+            trained = answer()
+            if trained != untrained:
+                break
         trained_weights = [p.detach().clone() for p in model.vision_projection.parameters()]
-        trained = pipe.answer([_query("What is it?", [images[0]])], max_new_tokens=NEW_TOKENS, pad_token_id=0)[0].tokens
         save_checkpoint(tmp_path / "stage1", 7, model, None, None, consumed_samples=0, model_config={},
                         trainable_only=False, save_optimizer=False, save_rng=False)
     finally:
         with torch.no_grad():
             for parameter, value in zip(model.vision_projection.parameters(), original):
                 parameter.copy_(value)
-    untrained = pipe.answer([_query("What is it?", [images[0]])], max_new_tokens=NEW_TOKENS, pad_token_id=0)[0].tokens
+    assert answer() == untrained
     raw = published_style_json(folder, image_aspect_ratio="crop")
     raw["image_encoder"]["vision_projector"]["ckpt_path"] = str(tmp_path / "stage1")
     path = folder / "from_checkpoint.json"
