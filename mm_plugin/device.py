@@ -103,3 +103,13 @@ def peak_memory_bytes() -> int:
     if kind() == "cpu":
         return 0
     return int(module().max_memory_allocated())
+
+
+def free_memory_bytes() -> int:
+    """Memory this process can still allocate on its device: the accelerator's free memory, or on the CPU
+    the machine's available memory shared by the processes torchrun started on it."""
+    if kind() == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(module().mem_get_info()[0])

@@ -56,12 +56,20 @@ def test_published_data_json_loads(tmp_path, published, max_length, shuffle):
     assert image.pad_to_square is False and image.exif_transpose is False
 
 
+def _pipeline(config: dict) -> dict:
+    return config["dataset_param"]["preprocess_parameters"]["train_pipeline"]
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c["dataset_param"]["basic_parameters"].update(data_pth="x"), "unknown field.*data_pth"),
     (lambda c: c["dataset_param"].update(template_name="chatml"), "template_name 'chatml'"),
     (lambda c: c["dataset_param"]["basic_parameters"].pop("data_folder"), "data_folder is required"),
     (lambda c: c["dataset_param"].update(mm_use_im_start_end=True), "mm_use_im_start_end"),
     (lambda c: c["dataset_param"]["preprocess_parameters"].update(image_reader_type="Qwen"), "image_reader_type"),
+    (lambda c: _pipeline(c).update(image_std=[0.27, 0, 0.28]), "image_std must be positive"),  # NaN losses
+    (lambda c: _pipeline(c).update(image_mean=[0.5, float("nan"), 0.5]), "image_mean finite"),
+    (lambda c: _pipeline(c).update(resample=99), "resample 99 is not a Pillow filter"),  # every record bad
+    (lambda c: _pipeline(c).update(crop_size={"height": 0, "width": 336}), "crop_height must be a whole number"),
 ])
 def test_config_errors_name_the_file_and_field(tmp_path, edit, message):
     config = json.loads(json.dumps(PUBLISHED_2_3_0))

@@ -218,6 +218,18 @@ def test_older_published_layout_loads(tmp_path):
     ("vision_encoder", "normalization", "RMSNorm", "vision_encoder.normalization = 'RMSNorm': LLaVA-1.5 needs 'LayerNorm'"),
     ("vision_projector", "bias_activation_fusion", True, "bias_activation_fusion = True: LLaVA-1.5 needs False"),
     ("vision_projector", "input_size", 768, "input_size = 768 but vision_encoder.hidden_size = 1024"),
+    # types and ranges, before anything is built
+    ("text_decoder", "hidden_size", "4096", "text_decoder.hidden_size = '4096': expected a whole number"),
+    ("text_decoder", "hidden_size", None, "text_decoder.hidden_size = null: give a int"),
+    ("text_decoder", "num_layers", 2.5, "text_decoder.num_layers = 2.5: expected a whole number"),
+    ("text_decoder", "num_attention_heads", 0, "text_decoder.num_attention_heads = 0: must be positive"),
+    ("text_decoder", "ffn_hidden_size", -1, "text_decoder.ffn_hidden_size = -1: must be positive"),
+    ("text_decoder", "layernorm_epsilon", "1e-6", "layernorm_epsilon = '1e-6': expected a finite number"),
+    ("text_decoder", "freeze", "false", "text_decoder.freeze = 'false': expected true or false"),
+    ("text_decoder", "ckpt_path", 5, "text_decoder.ckpt_path = 5: expected a string"),
+    ("text_decoder", "hidden_dropout", 1.5, "hidden_dropout = 1.5: a dropout probability is at least 0 and below 1"),
+    ("text_decoder", "init_method_std", "big", "init_method_std = 'big': expected a finite number"),
+    ("vision_encoder", "patch_size", 0, "vision_encoder.patch_size = 0: must be positive"),
 ])
 def test_bad_model_json_fields_are_named(tmp_path, section, field, value, message):
     from mm_plugin.config.model import ModelConfigError, load_model_config
@@ -229,6 +241,23 @@ def test_bad_model_json_fields_are_named(tmp_path, section, field, value, messag
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_model_config(str(path))
+
+
+@pytest.mark.parametrize("section, field", [("text_decoder", "hidden_size"), ("text_decoder", "language_vocab_size"),
+                                            ("vision_encoder", "ffn_hidden_size")])
+def test_a_model_too_large_for_memory_is_refused_before_allocating(megatron_single, tmp_path, section, field):
+    from mm_plugin.config.model import ModelConfigError, load_model_config
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.training.demo import model_json
+
+    raw = model_json(256, language_ckpt=None, train_language=True)
+    target = raw["text_decoder"] if section == "text_decoder" else raw["image_encoder"][section]
+    target[field] = 10**9 if field != "hidden_size" else 4 * 10**8  # a multiple of the head count
+    raw["image_encoder"]["vision_projector"].pop("hidden_size", None)
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ModelConfigError, match=r"parameters alone need at least [\d.]+ GiB .* but only [\d.]+ GiB"):
+        LlavaModel(load_model_config(str(path)))
 
 
 def test_invalid_json_names_file_and_line(tmp_path):

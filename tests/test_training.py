@@ -364,6 +364,19 @@ def test_cli_a_value_out_of_range_is_one_error_line(setup):
     assert "error: argument --micro-batch-size: must be at least 1, got 0" in result.stderr
 
 
+def test_a_padding_id_outside_the_vocabulary_is_refused(megatron_single, setup, tmp_path):
+    from mm_plugin.data.errors import DataError
+
+    config = json.loads((setup / "pretrain" / "data.json").read_text())
+    config["dataloader_param"]["collate_param"]["pad_token_id"] = 10**6
+    path = setup / "pretrain" / "far_pad.json"
+    path.write_text(json.dumps(config))
+    arguments = argv(setup)
+    arguments[arguments.index("--mm-data") + 1] = str(path)
+    with pytest.raises(DataError, match=rf"far_pad.json: the padding id 1000000 .* not a token of the model's \d+-row"):
+        train(arguments)
+
+
 def test_cli_global_batch_not_divisible(setup):
     result = _cli(*argv(setup, micro_batch=3, global_batch=4))
     assert result.returncode == 2

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -164,6 +166,31 @@ class LlavaConfig:
         return dataclasses.asdict(self)
 
 
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def parameter_bytes(config: LlavaConfig) -> dict[str, int]:
+    """Bytes of each part's parameters as built (vision layers up to the feature layer, unpadded vocabulary):
+    what a model.json asks for, computed before anything is allocated."""
+    vision, language = config.vision, config.language
+    h, f = vision.hidden_size, vision.ffn_hidden_size
+    vision_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # qkv + proj with biases, fc1/fc2, two norms
+    vision_count = (3 * vision.patch_size ** 2 * h + h + (vision.num_patches + vision.class_token_len) * h + 2 * h
+                    + vision.num_layers_built * vision_layer)
+    width = config.projector.ffn_hidden_size or language.hidden_size
+    projector_count = {"mlp2x_gelu": h * width + width + width * language.hidden_size + language.hidden_size,
+                       "linear": h * language.hidden_size + language.hidden_size, "identity": 0}
+    d = language.hidden_size
+    channels = language.kv_channels or d // language.num_attention_heads
+    groups = language.num_query_groups or language.num_attention_heads
+    language_layer = (d * channels * (language.num_attention_heads + 2 * groups) + language.num_attention_heads
+                      * channels * d + 3 * d * language.ffn_hidden_size + 2 * d)
+    language_count = 2 * language.vocab_size * d + language.num_layers * language_layer + d
+    return {"vision": vision_count * DTYPE_BYTES[vision.params_dtype],
+            "projector": projector_count[config.projector.projector_type] * DTYPE_BYTES[config.projector.params_dtype],
+            "language": language_count * DTYPE_BYTES[language.params_dtype]}
+
+
 def _preset_7b() -> LlavaConfig:
     return LlavaConfig(source="llava-1.5-7b")
 
@@ -234,13 +261,56 @@ _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "
                 "float32": "fp32"}
 
 
-def _transformer_config_fields() -> set[str]:
+def _transformer_config_fields() -> dict[str, dataclasses.Field]:
     from megatron.core.transformer import TransformerConfig
 
-    return {field.name for field in dataclasses.fields(TransformerConfig)}
+    return {field.name: field for field in dataclasses.fields(TransformerConfig)}
 
 
-def _fill_part(part: Any, part_name: str, raw: dict, source: str, transformer_fields: set[str]) -> None:
+# Numeric fields that may be zero or negative; every other size, count and epsilon must be positive.
+_NOT_POSITIVE = {"select_layer": "a layer index", "class_token_len": "at least 0"}
+
+
+def _checked(part: Any, name: str, value: Any, where: str) -> Any:
+    """``value`` for the dataclass field ``name`` of ``part``, if its JSON type and range fit the field."""
+    hint = typing.get_type_hints(type(part))[name]
+    choices = [choice for choice in typing.get_args(hint) if choice is not type(None)] or [hint]
+    kind = choices[0]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ModelConfigError(f"{where} = null: give a {kind.__name__}")
+    fits = {bool: lambda: isinstance(value, bool),
+            int: lambda: isinstance(value, int) and not isinstance(value, bool),
+            float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            str: lambda: isinstance(value, str)}.get(kind, lambda: True)()
+    if not fits:
+        expected = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}[kind]
+        raise ModelConfigError(f"{where} = {value!r}: expected {expected}")
+    if kind in (int, float) and name not in _NOT_POSITIVE and value <= 0:
+        raise ModelConfigError(f"{where} = {value!r}: must be positive")
+    if name == "class_token_len" and value < 0:
+        raise ModelConfigError(f"{where} = {value!r}: must be at least 0")
+    return value
+
+
+def _checked_override(field: dataclasses.Field, value: Any, where: str) -> Any:
+    """A megatron ``TransformerConfig`` field from model.json, typed like the field's default."""
+    default = field.default
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ModelConfigError(f"{where} = {value!r}: expected true or false")
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelConfigError(f"{where} = {value!r}: expected a finite number")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ModelConfigError(f"{where} = {value!r}: expected a whole number")
+    if field.name.endswith("dropout") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ModelConfigError(f"{where} = {value!r}: a dropout probability is at least 0 and below 1")
+    return value
+
+
+def _fill_part(part: Any, part_name: str, raw: dict, source: str,
+               transformer_fields: dict[str, dataclasses.Field]) -> None:
     own = {field.name for field in dataclasses.fields(part)} - {"transformer_overrides"}
     for key, value in raw.items():
         where = f"{source}: {part_name}.{key}"
@@ -262,12 +332,12 @@ def _fill_part(part: Any, part_name: str, raw: dict, source: str, transformer_fi
         elif key in ("input_size", "hidden_size") and part_name == "vision_projector":
             continue  # checked against the vision and language widths in _check_projector_widths
         elif target in own:
-            setattr(part, target, value)
+            setattr(part, target, _checked(part, target, value, where))
         elif f"{key}@{part_name}" in _NO_EFFECT or key in _NO_EFFECT:
             logger.info("%s: accepted without effect here: %s", where,
                         _NO_EFFECT.get(f"{key}@{part_name}", _NO_EFFECT.get(key)))
         elif key in transformer_fields:
-            part.transformer_overrides[key] = value
+            part.transformer_overrides[key] = _checked_override(transformer_fields[key], value, where)
         else:
             raise ModelConfigError(
                 f"{where}: unknown field (not a LLaVA-1.5 field nor a megatron TransformerConfig field); "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +40,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TEMPLATE_ALIASES = {"plain": "plain", "llava-plain": "plain", "vicuna_v1": "vicuna_v1", "lm": "lm"}
 """Template names accepted in ``template_name`` and what they mean (MindSpeed-MM says ``llava-plain``)."""
+
+
+PILLOW_FILTERS = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
 
 @dataclasses.dataclass
@@ -88,6 +92,17 @@ class ImagePreprocessConfig:
             raise DataError("image preprocessing: image_mean and image_std need three values (RGB)")
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
+        if not all(math.isfinite(v) for v in self.image_mean) or not all(math.isfinite(v) and v > 0
+                                                                         for v in self.image_std):
+            raise DataError(f"image preprocessing: image_std must be positive and image_mean finite, got "
+                            f"mean {self.image_mean}, std {self.image_std} (a zero std divides every pixel by 0)")
+        if self.resample not in PILLOW_FILTERS:
+            raise DataError(f"image preprocessing: resample {self.resample!r} is not a Pillow filter; use one of "
+                            f"{PILLOW_FILTERS} (3 = bicubic, as CLIP)")
+        for name in ("crop_height", "crop_width", "shortest_edge", "resize_height", "resize_width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"image preprocessing: {name} must be a whole number of pixels, got {value!r}")
 
 
 @dataclasses.dataclass

@@ -38,6 +38,29 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _check_fits(config: LlavaConfig) -> None:
+    """Refuse, before allocating, a model whose parameters cannot fit this process's device memory.
+
+    The estimate is a lower bound (this rank's share of the parameters under tensor and pipeline
+    parallelism, no activations, gradients or optimizer state), so a refusal is never a false alarm."""
+    from mm_plugin import device
+    from mm_plugin.config.model import ModelConfigError, parameter_bytes
+
+    parts = parameter_bytes(config)
+    shards = parallel_state.get_tensor_model_parallel_world_size()
+    needed = (parts["vision"] + parts["projector"]) / shards + parts["language"] / (
+        shards * parallel_state.get_pipeline_model_parallel_world_size())
+    free = device.free_memory_bytes()
+    if needed > free:
+        raise ModelConfigError(
+            f"{config.source}: the model's parameters alone need at least {needed / 2**30:.1f} GiB in this process "
+            f"(vision {parts['vision'] / 2**30:.1f}, projector {parts['projector'] / 2**30:.1f}, language model "
+            f"{parts['language'] / 2**30:.1f} GiB, split over tensor x pipeline parallelism), but only "
+            f"{free / 2**30:.1f} GiB of {device.kind()} memory is free; check the sizes in model.json, or use more "
+            "tensor/pipeline parallelism or a smaller params_dtype"
+        )
+
+
 class LlavaModel(MegatronModule):
     """``pre_process``/``post_process`` as in megatron-core: the first pipeline stage holds the vision
     tower, the projector and the embedding; the last holds the output layer.
@@ -49,6 +72,7 @@ class LlavaModel(MegatronModule):
     def __init__(self, config: LlavaConfig, pre_process: bool = True, post_process: bool = True,
                  extra: Optional[dict] = None):
         extra = extra or {}
+        _check_fits(config)
         language = language_config(config.language, extra)
         super().__init__(config=language)
         self.llava_config = config

@@ -143,10 +143,15 @@ class Providers:
 
 def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Providers:
     """The three functions with Megatron's signatures, this run's settings fixed by ``partial``."""
+    from mm_plugin.data.errors import DataError
     from mm_plugin.data.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(data_config.tokenizer_path)
     pad_token_id = data_config.pad_token_id if data_config.pad_token_id is not None else tokenizer.pad_token_id
+    vocab = model_config.language.vocab_size
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
+        raise DataError(f"{args.mm_data}: the padding id {pad_token_id!r} (dataloader_param.collate_param."
+                        f"pad_token_id, else the tokenizer's) is not a token of the model's {vocab}-row vocabulary")
     stats = BatchStats()
     fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
     return Providers(
