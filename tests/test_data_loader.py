@@ -146,6 +146,27 @@ def test_a_run_of_bad_records_counts_each_once_as_the_check_does(tmp_path):
     assert bad_counts_by_reason(sum(batch["bad_counts"] for batch in epoch)) == {"missing_image": 6}
 
 
+def test_odd_text_in_image_paths_is_a_counted_bad_record(tmp_path):
+    """A NUL byte or a lone surrogate in a path made os.stat raise out of the check and the workers."""
+    import json
+    import shutil
+
+    from mm_plugin.data.check import check_dataset
+
+    folder = tmp_path / "odd"
+    shutil.copytree(synthetic("pretrain", 8), folder)
+    records = json.loads((folder / "pretrain.json").read_text())
+    records[2]["image"] = "00000/a\x00b.jpg"
+    records[5]["image"] = "00000/\ud800.jpg"
+    (folder / "pretrain.json").write_text(json.dumps(records))
+    config = load_data_config(folder / "data.json")
+    dataset, _ = build_datasets(config, load_tokenizer(config.tokenizer_path), image_tokens=16, model_max_length=64)
+    report = check_dataset(dataset, max_bad_fraction=0.5, progress=False)
+    assert report["bad_by_reason"]["unsafe_image_path"]["count"] == 2
+    assert [reason for reason, _ in dataset[2]["bad"]] == ["unsafe_image_path"]
+    assert "NUL byte" in dataset[2]["bad"][0][1] and "not a valid file name" in dataset[5]["bad"][0][1]
+
+
 def test_validation_split_is_held_out_and_fixed():
     folder = synthetic("pretrain", 64)
     config = load_data_config(folder / "data.json")

@@ -133,14 +133,18 @@ def test_a_batch_answers_as_one_query_at_a_time_and_names_bad_inputs(pipe, image
         _query("What is it?", [tmp_path / "notes.jpg"]),
         _query("word " * context, [images[1]]),
         _query("And this?", [images[1], images[2]]),
+        _query("What is it?", [str(tmp_path / "nul\x00.jpg")]),
+        _query("What is \ud800 it?", [images[0]]),  # a lone surrogate (e.g. from a broken JSON escape)
     ]
     answers = pipe.answer(queries, max_new_tokens=NEW_TOKENS)
     errors = {i: a.error for i, a in enumerate(answers) if a.error}
-    assert set(errors) == {1, 2, 4, 5}
+    assert set(errors) == {1, 2, 4, 5, 7, 8}
     assert "missing.jpg" in errors[1] and "no such file" in errors[1]
     assert "2 <image> tag(s) for 1 image(s)" in errors[2]
     assert "notes.jpg" in errors[4] and "not an image" in errors[4]
     assert "query 5" in errors[5] and f"context of {context}" in errors[5]
+    assert "query 7" in errors[7] and "contains a NUL byte" in errors[7]
+    assert "query 8" in errors[8] and "not valid Unicode text" in errors[8]
     for index in (0, 3, 6):
         alone = pipe.answer([queries[index]], max_new_tokens=NEW_TOKENS)[0]
         assert answers[index].tokens == alone.tokens and len(alone.tokens) > 0
@@ -263,6 +267,30 @@ def test_image_and_prompt_pairing():
     assert pairs(None, "x") == [("x", [])]
     with pytest.raises(InferenceConfigError, match="3 image_path entries for 2 prompts"):
         pairs(["a", "b", "c"], ["x", "y"])
+
+
+def test_cli_refuses_a_malicious_weight_file_in_one_line(tmp_path, capsys):
+    import os
+    import shutil
+
+    from mm_plugin.inference.cli import main
+
+    source = hf_llava_dir("gqa")
+    folder = tmp_path / "llava-hf"
+    folder.mkdir()
+    for file in source.iterdir():
+        if not file.name.endswith((".safetensors", ".index.json")):
+            shutil.copy(file, folder / file.name)
+
+    class CreatesFile:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'created-by-the-pickle'}",))
+
+    torch.save({"lm_head.weight": torch.zeros(2), "payload": CreatesFile()}, folder / "pytorch_model.bin")
+    assert main(["--hf-dir", str(folder), "--prompt", "Hello"]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin: refused to load" in err and "Traceback" not in err
+    assert not (tmp_path / "created-by-the-pickle").exists()
 
 
 def test_cli_streams_answers_in_order_and_reports_failures(pipe, converted, images, tmp_path, capsys):

@@ -35,6 +35,7 @@ from .errors import BadSample
 
 def resolve_image_path(data_folder: str, relative: str, real_folder: Optional[str] = None) -> str:
     """The file an ``image`` entry names, refusing absolute paths and anything that leaves ``data_folder``."""
+    _check_file_name(relative)
     if os.path.isabs(relative) or relative.startswith(("~", "\\")):
         raise BadSample("unsafe_image_path", f"{relative!r} is absolute; image paths are relative to data_folder")
     real_folder = real_folder or os.path.realpath(data_folder)
@@ -43,6 +44,17 @@ def resolve_image_path(data_folder: str, relative: str, real_folder: Optional[st
     if real != real_folder and not real.startswith(real_folder + os.sep):
         raise BadSample("unsafe_image_path", f"{relative!r} resolves to {real}, outside data_folder {real_folder}")
     return real
+
+
+def _check_file_name(path: str) -> None:
+    """``BadSample`` for a name no file system can hold: a NUL byte, or a lone surrogate that is not an
+    undecodable byte (os.fsencode's surrogateescape)."""
+    if "\x00" in path:
+        raise BadSample("unsafe_image_path", f"{path!r} contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as error:
+        raise BadSample("unsafe_image_path", f"{path!r} is not a valid file name ({error.reason})") from None
 
 
 def expand_to_square(pixels: np.ndarray, background: tuple[int, ...]) -> np.ndarray:
@@ -107,6 +119,7 @@ class ImageProcessor:
 
         ``fast``: a JPEG that simplejpeg decodes cleanly comes back as ``[H, W, 3]`` pixels (the same ones).
         """
+        _check_file_name(path)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:

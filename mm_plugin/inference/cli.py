@@ -26,7 +26,7 @@ from mm_plugin.data.errors import DataError
 from mm_plugin.inference.config import Query, load_inference_config, queries
 from mm_plugin.inference.demo import demo_config
 from mm_plugin.inference.prompts import TEMPLATES
-from mm_plugin.safe_io import WeightFileError
+from mm_plugin.safe_io import UnsafeFileError, WeightFileError
 from mm_plugin.training.checkpointing import CheckpointError
 
 DEMO_DIR = "demo_out"
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         pipe, work, template = _setup(args)
-    except (ValueError, OSError, DataError, WeightFileError, CheckpointError) as error:  # configuration, paths, weights
+    except (ValueError, OSError, DataError, WeightFileError, UnsafeFileError, CheckpointError) as error:  # configuration, paths, weights
         print(f"mm-infer: {error}", file=sys.stderr)
         return 2
     import torch.distributed

@@ -31,6 +31,13 @@ def build_prompt(template: str, question: str, images: int) -> str:
     """The prompt text for ``question`` with ``images`` images."""
     if template not in TEMPLATES:
         raise PromptError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if not isinstance(question, str):
+        raise PromptError(f"the prompt is a {type(question).__name__}, not text")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can encode it
+        raise PromptError(f"the prompt is not valid Unicode text: {error.reason} at character {error.start} "
+                          f"({question[error.start]!r})") from None
     tags = question.count(IMAGE_TAG)
     if template == "raw":
         if tags != images:
