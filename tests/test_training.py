@@ -358,6 +358,18 @@ def test_a_value_out_of_range_names_its_flag(setup, capsys, flag, value, reason)
     assert f"argument {flag}: {reason}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (("--lr-warmup-iters", "6"), r"warm-up \(6 iterations.*shorter than its decay \(6 iterations"),
+    (("--lr-warmup-fraction", "1.0"), r"warm-up \(6 iterations"),
+    (("--min-lr", "1"), "--min-lr 1 is above --lr 0.002"),
+])
+def test_a_schedule_megatron_would_assert_on_is_named(megatron_single, setup, extra, message):
+    from mm_plugin.training.arguments import ArgumentError
+
+    with pytest.raises(ArgumentError, match=message):
+        train(argv(setup, iterations=6, extra=extra))
+
+
 def test_cli_a_value_out_of_range_is_one_error_line(setup):
     result = _cli(*argv(setup), "--micro-batch-size=0")
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -25,7 +25,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def join_world(timeout_minutes: int = 30) -> int:
+DEFAULT_TIMEOUT_MINUTES = 10
+"""How long a collective waits for a rank that stopped answering (a frozen or lost node) before the job ends:
+Megatron-LM's default. Raise it (``--distributed-timeout-minutes``) when a legitimate pause is longer, e.g. a
+rank writing a very large checkpoint to a slow file system while the others wait at the barrier."""
+
+
+def join_world(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> int:
     """Join (or make) the process group; returns the world size."""
     if not torch.distributed.is_initialized():
         device.set_local_rank(int(os.environ.get("LOCAL_RANK", 0)))
@@ -36,16 +42,18 @@ def join_world(timeout_minutes: int = 30) -> int:
     return torch.distributed.get_world_size()
 
 
-def set_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 1234) -> None:
+def set_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 1234,
+                       timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> None:
     """(Re)build megatron's TP/PP/DP groups for this layout and seed every generator (per pipeline stage,
-    as Megatron-LM does; the tensor-parallel RNG tracker from ``seed``)."""
+    as Megatron-LM does; the tensor-parallel RNG tracker from ``seed``). The groups wait ``timeout_minutes``
+    for a silent rank, as the world does (megatron-core's own default is 30)."""
     wanted = (tensor_parallel_size, pipeline_parallel_size)
     if parallel_state.model_parallel_is_initialized() and wanted != (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size()):
         parallel_state.destroy_model_parallel()  # a process that runs again with another layout
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(*wanted)
+        parallel_state.initialize_model_parallel(*wanted, distributed_timeout_minutes=timeout_minutes)
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     numpy.random.seed(stage_seed)

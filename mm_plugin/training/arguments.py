@@ -14,6 +14,8 @@ import logging
 import math
 from typing import Callable, Optional, Sequence
 
+from mm_plugin.parallel.world import DEFAULT_TIMEOUT_MINUTES
+
 logger = logging.getLogger(__name__)
 
 # Flag -> why it changes nothing in this package (logged once when given).
@@ -97,7 +99,9 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     parallel.add_argument("--overlap-grad-reduce", action="store_true")
     parallel.add_argument("--distributed-backend", default=None)
-    parallel.add_argument("--distributed-timeout-minutes", type=POSITIVE, default=30)
+    parallel.add_argument("--distributed-timeout-minutes", type=POSITIVE, default=DEFAULT_TIMEOUT_MINUTES,
+                          help="how long every rank waits for one that stopped answering before the job ends "
+                               f"(default {DEFAULT_TIMEOUT_MINUTES}; raise it for slow checkpoint file systems)")
 
     batch = parser.add_argument_group("batches and length")
     batch.add_argument("--micro-batch-size", type=POSITIVE, required=True)
@@ -226,5 +230,13 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         args.train_iters = -(-args.train_samples // args.global_batch_size)
     if args.save_interval and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
+    decay = args.lr_decay_iters or args.train_iters
+    warmup = int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None else args.lr_warmup_iters
+    if warmup >= decay:  # megatron-core's scheduler asserts it
+        raise ArgumentError(f"the learning-rate warm-up ({warmup} iterations, --lr-warmup-iters or "
+                            f"--lr-warmup-fraction) must be shorter than its decay ({decay} iterations, "
+                            "--lr-decay-iters, else --train-iters)")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     args.data_parallel_size = data_parallel
     args.num_microbatches = args.global_batch_size // per_step

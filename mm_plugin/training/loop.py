@@ -54,7 +54,8 @@ class TrainingResult:
 def initialize(args: argparse.Namespace) -> None:
     """Process group on the active device, megatron's TP/PP/DP groups, seeds."""
     validate(args, join_world(args.distributed_timeout_minutes))
-    set_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    set_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                       args.distributed_timeout_minutes)
 
 
 def build_model(model_provider: Callable, model_type, args: argparse.Namespace) -> DistributedDataParallel:
