@@ -111,8 +111,10 @@ def report() -> tuple[str, bool]:
     _import_patch_targets()
     lines.append("Patches")
     lines.append(patches.describe())
+    if patches.missing_required():
+        ok = False
     lines.append("")
-    lines.append("Supported combination: " + ("yes" if ok else "NO — see the lines marked UNSUPPORTED"))
+    lines.append("Supported combination: " + ("yes" if ok else "NO — see the lines marked UNSUPPORTED or ERROR"))
     return "\n".join(lines), ok
 
 

@@ -46,5 +46,6 @@ PATCHES = [
         replace=wrapping(_inject_image_features),
         reason="writes projected image features into the image positions of the decoder's input embeddings",
         versions=MEGATRON_CORE,
+        required=True,  # LlavaModel embeds through it (models/llava.py checks it when built)
     ),
 ]

@@ -48,6 +48,8 @@ class Patch:
     reason:    why the patch exists, in one sentence.
     versions:  ``{"distribution or top module": "specifier"}``; the patch is skipped outside it.
     guard:     a behaviour check called with the original object (see ``Guard``).
+    required:  mm_plugin's own model cannot run without it: skipped or undone, it is an error (``doctor``,
+               :func:`require`), never a quiet "skipped" line.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Patch:
     reason: str
     versions: dict = dataclasses.field(default_factory=dict)
     guard: Optional[Guard] = None
+    required: bool = False
 
     @property
     def module(self) -> str:
@@ -74,6 +77,10 @@ def wrapping(wrapper: Callable) -> Callable[[Any], Any]:
 
     build.__name__ = getattr(wrapper, "__name__", "wrapper")
     return build
+
+
+class PatchMissingError(RuntimeError):
+    """A patch mm_plugin's own model needs is not applied."""
 
 
 @dataclasses.dataclass
@@ -245,6 +252,17 @@ class Registry:
         with self._lock:
             return [self._records.get(p.name) or Record(patch=p, status="registered") for p in self._patches]
 
+    def require(self, name: str) -> None:
+        """Raise ``PatchMissingError`` naming the remedy unless the patch ``name`` is applied."""
+        record = next((r for r in self.applied() if r.patch.name == name), None)
+        if record is None or record.status != "applied":
+            status = "not registered" if record is None else f"{record.status}{': ' + record.detail if record.detail else ''}"
+            raise PatchMissingError(
+                f"the runtime patch {name!r} is {status}; mm_plugin's model needs it "
+                f"({record.patch.reason if record else 'see mm_plugin.patches'}). Import mm_plugin before building "
+                "the model and do not undo its patches (mm_plugin.patches.apply_patches() re-applies them), with "
+                "megatron-core 0.12.x or 0.16.x; `python -m mm_plugin doctor` shows every patch")
+
     def undo(self, names: Optional[list[str]] = None) -> list[str]:
         """Restore the originals of the applied patches (all, or those named), newest first.
 
@@ -326,3 +344,4 @@ registered = REGISTRY.registered
 apply = REGISTRY.apply
 applied = REGISTRY.applied
 undo = REGISTRY.undo
+require = REGISTRY.require

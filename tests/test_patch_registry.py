@@ -287,3 +287,24 @@ def test_every_registered_target_exists_on_the_installed_megatron_core():
         (checked if target is not None else missing).append(patch.target)
     assert not missing, missing
     assert len(checked) >= 30  # the device, compatibility and injection patches, not none by accident
+
+
+def test_a_required_patch_that_is_missing_stops_the_build_and_is_an_error_in_doctor(megatron_single):
+    """Building the model after ``undo()`` (or with a megatron-core that renamed the target) used to die in the
+    first forward with a TypeError from megatron's embedding."""
+    from mm_plugin import doctor, patches
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.models.llava import LlavaModel
+
+    assert all(patch.required == (patch.name == "multimodal.embedding_injection") for patch in patches.registered())
+    patches.undo(["multimodal.embedding_injection"])
+    try:
+        with pytest.raises(patches.PatchMissingError, match=r"'multimodal.embedding_injection' is undone.*"
+                                                             r"apply_patches\(\) re-applies them"):
+            LlavaModel(load_model_config("tiny"))
+        text, ok = doctor.report()
+        assert not ok and "ERROR    multimodal.embedding_injection" in text
+    finally:
+        patches.apply_patches()
+    assert not patches.missing_required()
+    LlavaModel(load_model_config("tiny"))

@@ -19,6 +19,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.module import MegatronModule
 
+from mm_plugin import patches
 from mm_plugin.config.model import LlavaConfig
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
 from mm_plugin.models.specs import language_layer_spec, projector_submodules, vision_layer_spec
@@ -72,6 +73,7 @@ class LlavaModel(MegatronModule):
     def __init__(self, config: LlavaConfig, pre_process: bool = True, post_process: bool = True,
                  extra: Optional[dict] = None):
         extra = extra or {}
+        patches.require("multimodal.embedding_injection")  # the image merge below embeds through it
         _check_fits(config)
         language = language_config(config.language, extra)
         super().__init__(config=language)
