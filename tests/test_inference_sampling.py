@@ -103,9 +103,27 @@ def test_published_generation_config_loads():
     assert (config.temperature, config.top_k, config.top_p) == (raw["temperature"], raw["top_k"], raw["top_p"])
 
 
+def test_every_hugging_face_generation_field_is_accepted(caplog):
+    """Older MindSpeed-MM files carry fields such as early_stopping or length_penalty (beam search only): each
+    field of transformers' GenerationConfig is accepted at its default, those without effect named in one line."""
+    import logging
+
+    from transformers import GenerationConfig as HuggingFaceGenerationConfig
+
+    every = {key: value for key, value in HuggingFaceGenerationConfig().to_dict().items()
+             if key not in ("transformers_version", "_from_model_config")}
+    with caplog.at_level(logging.INFO, logger="mm_plugin.inference.sampling"):
+        GenerationConfig.from_dict({**every, "max_new_tokens": 8})
+        GenerationConfig.from_dict({"max_new_tokens": 8, "early_stopping": True, "length_penalty": 2.0})
+    lines = [r.getMessage() for r in caplog.records if "GenerationConfig fields without effect" in r.getMessage()]
+    assert len(lines) == 2 and "early_stopping" in lines[0] and "cache_implementation" in lines[0]
+    assert lines[1].endswith("early_stopping, length_penalty")
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("num_beams", 4, "generation_config.num_beams = 4: not supported; leave it at 1"),
     ("top_kk", 5, "generation_config.top_kk: unknown field"),
+    ("min_p", 0.1, "generation_config.min_p = 0.1: not supported; leave it at None"),  # would change the tokens
     ("top_p", 1.5, r"top_p = 1.5: use a value in \(0, 1\]"),
     ("max_new_tokens", 0, "max_new_tokens = 0: use a positive integer"),
 ])

@@ -13,6 +13,7 @@ top-k and top-p; greedy takes the arg-max.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Iterable, Optional, Sequence, Union
 
@@ -87,7 +88,7 @@ class GenerationConfig:
     def from_dict(cls, raw: dict, source: str = "generation_config") -> "GenerationConfig":
         """MindSpeed-MM's / Hugging Face's ``generation_config`` fields (see the module docstring)."""
         own = {field.name for field in dataclasses.fields(cls)}
-        settings = {}
+        settings, without_effect = {}, []
         for key, value in raw.items():
             if key in own:
                 if value is not None:
@@ -98,8 +99,14 @@ class GenerationConfig:
                 if value not in _NO_OP_VALUES[key]:
                     raise GenerationConfigError(
                         f"{source}.{key} = {value!r}: not supported; leave it at {_NO_OP_VALUES[key][0]!r}")
+            elif key in _hugging_face_fields():
+                without_effect.append(key)
             else:
-                raise GenerationConfigError(f"{source}.{key}: unknown field; remove it or fix its spelling")
+                raise GenerationConfigError(f"{source}.{key}: unknown field (not a Hugging Face GenerationConfig "
+                                            "field either); remove it or fix its spelling")
+        if without_effect:
+            logger.info("%s: Hugging Face GenerationConfig fields without effect here: %s", source,
+                        ", ".join(without_effect))
         try:
             return cls(**settings)
         except GenerationConfigError as error:
@@ -125,8 +132,19 @@ _NO_OP_VALUES = {
     "no_repeat_ngram_size": (0, None), "encoder_no_repeat_ngram_size": (0, None),
     "encoder_repetition_penalty": (1.0, None), "typical_p": (1.0, None), "epsilon_cutoff": (0.0, None),
     "eta_cutoff": (0.0, None), "exponential_decay_length_penalty": (None,), "remove_invalid_values": (False, None),
-    "renormalize_logits": (False, None),
+    "renormalize_logits": (False, None), "min_p": (None,), "top_h": (None,), "stop_strings": (None,),
+    "dola_layers": (None,), "token_healing": (False, None), "watermarking_config": (None,),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _hugging_face_fields() -> frozenset[str]:
+    """Every field of the installed transformers' ``GenerationConfig`` (beam search's ``early_stopping`` and
+    ``length_penalty``, caching and assistant settings...): accepted without effect, named in one log line.
+    Those that would change the tokens (``num_beams`` > 1, ...) are in ``_NO_OP_VALUES`` and checked."""
+    from transformers import GenerationConfig as HuggingFaceGenerationConfig
+
+    return frozenset(HuggingFaceGenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
 
 
 class TokenSelector:
