@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +25,10 @@ print(json.dumps({"patches": patches.__file__, "package": mm_plugin.__file__,
 """
 
 
-def _probe(tmp_path: Path, env_extra: dict, prelude: str = "") -> dict:
+def _probe(tmp_path: Path, env_extra: dict, prelude: str = "", flags: tuple = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(env_extra)
-    result = subprocess.run([sys.executable, "-c", prelude + PROBE], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, *flags, "-c", prelude + PROBE], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -45,8 +46,10 @@ def _copy_sources(tmp_path: Path) -> Path:
 
 
 def _pip(*args: str, cwd: Path) -> None:
+    """Install into a folder of its own; --ignore-installed keeps pip from first uninstalling the mm_plugin
+    of the environment running the tests (it did: every run of the suite removed the developer's install)."""
     result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                             *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+                             "--ignore-installed", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -72,8 +75,13 @@ def test_editable_install(tmp_path):
     _pip("--prefix", str(prefix), "-e", str(source), cwd=tmp_path)
     site_dirs = list(prefix.glob("lib/python*/site-packages"))
     assert site_dirs, f"no site-packages under {prefix}"
-    # .pth files (how editable installs hook in) are read only from site directories.
-    found = _probe(tmp_path, {}, prelude=f"import site; site.addsitedir({str(site_dirs[0])!r})\n")
+    # .pth files (how editable installs hook in) are read only from site directories. Without `site` (-S) the
+    # environment's own site-packages is a plain path: its packages import, its .pth files (an editable
+    # mm_plugin of its own) do not run; the prefix's do.
+    # The prefix first: its .pth imports a finder module named like the environment's own.
+    prelude = (f"import site, sys; site.addsitedir({str(site_dirs[0])!r}); "
+               f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n")
+    found = _probe(tmp_path, {}, prelude=prelude, flags=("-S",))
     assert Path(found["patches"]).parent == source / "patches"
     assert Path(found["package"]).parent == source / "mm_plugin"
     assert found["injection"] == "applied"
