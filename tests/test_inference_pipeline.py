@@ -183,6 +183,27 @@ def published_style_json(folder, **changes) -> dict:
     return raw
 
 
+def test_the_first_published_inference_layout_loads(converted):
+    """inference_llava.json of 2024-09-30: the vision geometry in image_encoder, gelu in the vision tower, six
+    more generation fields; the same configuration as today's layout."""
+    from mm_plugin.inference.config import load_inference_config
+
+    _, folder = converted
+    today = folder / "today.json"
+    today.write_text(json.dumps(published_style_json(folder)))
+    raw = published_style_json(folder)
+    vision = raw["image_encoder"]["vision_encoder"]
+    for key in ("add_class_token", "class_token_len", "patch_size", "image_size"):
+        if key in vision:
+            raw["image_encoder"][key] = vision.pop(key)
+    vision["activation_func"] = "gelu"
+    raw["generation_config"].update(early_stopping=False, length_penalty=1.0, transformers_version="4.44.0")
+    first = folder / "first.json"
+    first.write_text(json.dumps(raw))
+    old, new = load_inference_config(first), load_inference_config(today)
+    assert old.model.vision == new.model.vision and old.generation == new.generation
+
+
 def test_the_published_fields_drive_the_pipeline(pipe, converted, images):
     """Model sections, tokenizer, processor and MindSpeed-MM's generation_config (sampling at 0.2)."""
     from mm_plugin.inference.pipeline import LlavaPipeline

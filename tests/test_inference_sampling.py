@@ -103,6 +103,16 @@ def test_published_generation_config_loads():
     assert (config.temperature, config.top_k, config.top_p) == (raw["temperature"], raw["top_k"], raw["top_p"])
 
 
+def test_the_first_published_generation_configs_load():
+    """inference_llava.json up to 2024-11 held six more generation fields (transformers_version and beam/
+    assistant settings without effect here)."""
+    raw = json.loads((REPO / "examples/llava1.5/inference_llava.json").read_text())["generation_config"]
+    raw.update(early_stopping=False, length_penalty=1.0, low_memory=None, num_assistant_tokens=5,
+               num_assistant_tokens_schedule="heuristic", transformers_version="4.44.0")
+    assert GenerationConfig.from_dict(raw) == GenerationConfig.from_dict(
+        json.loads((REPO / "examples/llava1.5/inference_llava.json").read_text())["generation_config"])
+
+
 def test_every_hugging_face_generation_field_is_accepted(caplog):
     """Older MindSpeed-MM files carry fields such as early_stopping or length_penalty (beam search only): each
     field of transformers' GenerationConfig is accepted at its default, those without effect named in one line."""

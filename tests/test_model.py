@@ -213,6 +213,44 @@ def test_older_published_layout_loads(tmp_path):
     assert load_model_config(str(path)).vision.num_layers_built == 24
 
 
+def first_published_model_json() -> dict:
+    """MindSpeed-MM's first llava1.5 model.json (be78bc61, 2024-09-29), as a difference to today's: the vision
+    geometry one level up in image_encoder, gelu in the vision tower, no freeze/ckpt_path/recompute/
+    max_position_embeddings fields, no projector input_size, and projector attention heads."""
+    raw = published_model_json()
+    vision = raw["image_encoder"]["vision_encoder"]
+    for key in ("add_class_token", "class_token_len", "patch_size", "image_size"):
+        raw["image_encoder"][key] = vision.pop(key)
+    vision["activation_func"] = "gelu"
+    for section in (raw["text_decoder"], vision, raw["image_encoder"]["vision_projector"]):
+        for key in ("freeze", "ckpt_path", "recompute_granularity", "recompute_method", "recompute_num_layers",
+                    "max_position_embeddings", "input_size"):
+            section.pop(key, None)
+    raw["image_encoder"]["vision_projector"]["num_attention_heads"] = 1
+    return raw
+
+
+def test_the_first_published_layout_loads_with_a_warning_about_its_gelu(tmp_path, caplog):
+    from mm_plugin.config.model import ModelConfigError, load_model_config
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(first_published_model_json()))
+    today = tmp_path / "today.json"
+    today.write_text(json.dumps(published_model_json()))
+    config, current = load_model_config(str(path)), load_model_config(str(today))
+    assert (config.vision.patch_size, config.vision.image_size, config.vision.class_token_len) == \
+        (current.vision.patch_size, current.vision.image_size, current.vision.class_token_len) == (14, 336, 1)
+    assert config.vision.num_image_tokens == 576
+    assert any("said gelu" in record.getMessage() and "quick_gelu" in record.getMessage()
+               for record in caplog.records if record.levelname == "WARNING")
+    raw = first_published_model_json()
+    raw["image_encoder"]["vision_encoder"]["patch_size"] = 16  # stated twice, differently
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ModelConfigError, match="image_encoder.patch_size = 14 but image_encoder.vision_encoder."
+                                               "patch_size = 16; keep one"):
+        load_model_config(str(path))
+
+
 @pytest.mark.parametrize("section,field,value,message", [
     ("text_decoder", "num_layer", 32, "text_decoder.num_layer: unknown field"),
     ("vision_encoder", "normalization", "RMSNorm", "vision_encoder.normalization = 'RMSNorm': LLaVA-1.5 needs 'LayerNorm'"),

@@ -220,6 +220,15 @@ PRESETS = {"llava-1.5-7b": _preset_7b, "llava-1.5-13b": _preset_13b, "tiny": _pr
 # --- MindSpeed-MM model.json -------------------------------------------------------------------
 
 # Fields whose value is fixed by the architecture: another value would build a different model.
+# Values of published files that contradict LLaVA-1.5 by mistake: loaded with a warning, built as LLaVA-1.5.
+_LEGACY_VALUES = {
+    ("vision_encoder", "activation_func", "gelu"): "MindSpeed-MM's first model.json and inference_llava.json "
+    "(2024-09) said gelu, fixed there in 2024-10: CLIP ViT-L/14 uses quick_gelu, and its weights need it",
+}
+
+# The vision tower's geometry, which MindSpeed-MM's first model.json put at the image_encoder level.
+_VISION_GEOMETRY = ("add_class_token", "class_token_len", "patch_size", "image_size")
+
 _REQUIRED_VALUES = {
     "text_decoder": {
         "add_bias_linear": False, "gated_linear_unit": True, "activation_func": "silu",
@@ -317,7 +326,10 @@ def _fill_part(part: Any, part_name: str, raw: dict, source: str,
         target = _ALIASES[part_name].get(key, key)
         required = _REQUIRED_VALUES[part_name]
         if key in required:
-            if value != required[key]:
+            if (part_name, key, value) in _LEGACY_VALUES:
+                logger.warning("%s = %r: %s; building LLaVA-1.5's %r", where, value,
+                               _LEGACY_VALUES[part_name, key, value], required[key])
+            elif value != required[key]:
                 raise ModelConfigError(f"{where} = {value!r}: LLaVA-1.5 needs {required[key]!r} here")
             continue
         if key == "params_dtype":
@@ -369,12 +381,20 @@ def from_mindspeed_json(raw: dict, source: str = "model.json") -> LlavaConfig:
         if not isinstance(raw.get(needed), dict):
             raise ModelConfigError(f"{source}: missing the {needed!r} section")
     image_encoder = raw["image_encoder"]
-    unknown_image = set(image_encoder) - {"vision_encoder", "vision_projector"}
-    if unknown_image or "vision_encoder" not in image_encoder or "vision_projector" not in image_encoder:
+    unknown_image = set(image_encoder) - {"vision_encoder", "vision_projector"} - set(_VISION_GEOMETRY)
+    if unknown_image or not isinstance(image_encoder.get("vision_encoder"), dict) \
+            or not isinstance(image_encoder.get("vision_projector"), dict):
         raise ModelConfigError(
-            f"{source}: image_encoder needs exactly vision_encoder and vision_projector (found {sorted(image_encoder)})"
+            f"{source}: image_encoder needs vision_encoder and vision_projector sections and at most "
+            f"{', '.join(_VISION_GEOMETRY)} beside them (found {sorted(image_encoder)})"
         )
     vision_raw = dict(image_encoder["vision_encoder"])
+    for key in _VISION_GEOMETRY:  # MindSpeed-MM's first model.json (2024-09) kept them one level up
+        if key in image_encoder:
+            if key in vision_raw and vision_raw[key] != image_encoder[key]:
+                raise ModelConfigError(f"{source}: image_encoder.{key} = {image_encoder[key]!r} but "
+                                       f"image_encoder.vision_encoder.{key} = {vision_raw[key]!r}; keep one")
+            vision_raw[key] = image_encoder[key]
     # MindSpeed-MM's convention: num_layers are the layers built, the feature is the last one's output.
     config = LlavaConfig(
         vision=VisionEncoderConfig(select_layer=None), projector=ProjectorConfig(),

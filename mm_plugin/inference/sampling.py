@@ -120,6 +120,7 @@ _INFORMATIONAL = {
     "output_attentions": "not returned", "output_hidden_states": "not returned", "output_scores": "not returned",
     "return_dict_in_generate": "results are always per-request records",
     "max_time": "no time limit",
+    "transformers_version": "the transformers release that wrote the file",
 }
 
 # Hugging Face features not offered here, accepted only at their no-op values (first value: the one to use).
