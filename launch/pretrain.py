@@ -12,6 +12,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from mm_plugin.console import quiet_third_party_warnings  # noqa: E402
+
+quiet_third_party_warnings()  # before megatron-core is imported: its fallback warnings are summarised
 from mm_plugin.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":

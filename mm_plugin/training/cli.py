@@ -12,9 +12,10 @@ import importlib.util
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
+
+from mm_plugin.console import quiet_third_party_warnings
 
 logger = logging.getLogger("mm_plugin.pretrain")
 
@@ -26,10 +27,9 @@ def configure_logging() -> None:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    quiet_third_party_warnings()
     # megatron-core logs its whole DDP/optimizer configuration and bucket layout at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def check_inputs(args: argparse.Namespace, model_config, data_config) -> None:

@@ -123,7 +123,9 @@ def export_language_model(checkpoint: Path, output: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import mm_plugin  # noqa: F401  (patches)
+    from mm_plugin.console import quiet_third_party_warnings
+
+    quiet_third_party_warnings()  # before megatron-core is imported
 
     parser = argparse.ArgumentParser(prog="python -m mm_plugin.training.demo")
     commands = parser.add_subparsers(dest="command", required=True)
