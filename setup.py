@@ -22,7 +22,6 @@ setup(
     packages=find_packages(include=["mm_plugin", "mm_plugin.*"]) + ["mm_plugin.patches"],
     package_dir={"mm_plugin.patches": "patches"},
     include_package_data=True,
-    package_data={"mm_plugin": ["presets/*.json"]},
     ext_modules=[RESAMPLE],
     install_requires=[
         "torch>=2.6",
