@@ -64,8 +64,11 @@ def admitting_megatron_types() -> Iterator[None]:
 def _is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+    except Exception:  # noqa: BLE001 - a damaged archive fails in many ways; torch.load below names it
+        return False
 
 
 def load_state(path: PathLike, *, mmap: bool = False, map_location: str = "cpu") -> Any:
@@ -107,8 +110,9 @@ def _load_pickled(source: Union[Path, io.BytesIO], where: str, **load_args) -> A
             "RNG state are admitted, and nothing in the file was executed. If you trust the file, re-save its "
             "tensors as .safetensors in a sandbox and use that."
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise WeightFileError(f"{where}: not a readable PyTorch weight file ({error})") from error
+    except Exception as error:  # noqa: BLE001 - damaged bytes fail in many ways (zip, pickle, storages)
+        raise WeightFileError(f"{where}: not a readable PyTorch weight file ({type(error).__name__}: {error})") \
+            from error
 
 
 # What torch.distributed.checkpoint's ``.metadata`` pickle refers to (torch reads it with plain pickle.load):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from data_fixtures import tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 40)), deadline=None, derandomize=not __import__("os").environ.get("FUZZ_EXAMPLES"), suppress_health_check=list(HealthCheck))
 
 # JSON values as a careless or hostile user writes them: wrong types, huge and negative numbers, NaN,
 # NUL bytes and lone surrogates in text, nesting.
@@ -106,11 +106,12 @@ def test_data_json_loads_or_names_the_problem(raw):
 @given(mutated(INFERENCE_JSON))
 def test_inference_json_loads_or_names_the_problem(raw):
     from mm_plugin.inference.config import InferenceConfigError, load_inference_config
+    from mm_plugin.inference.sampling import GenerationConfigError
 
     with tempfile.TemporaryDirectory() as folder:
         try:
             load_inference_config(_write_json(Path(folder), "inference.json", raw))
-        except InferenceConfigError as error:
+        except (InferenceConfigError, GenerationConfigError) as error:
             assert str(error)
 
 

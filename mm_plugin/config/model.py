@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -296,11 +297,21 @@ def _checked(part: Any, name: str, value: Any, where: str) -> Any:
     if not fits:
         expected = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}[kind]
         raise ModelConfigError(f"{where} = {value!r}: expected {expected}")
+    if name == "ckpt_path" and ("\x00" in value or not _encodable_path(value)):
+        raise ModelConfigError(f"{where} = {value!r}: not a file name (a NUL byte or an unencodable character)")
     if kind in (int, float) and name not in _NOT_POSITIVE and value <= 0:
         raise ModelConfigError(f"{where} = {value!r}: must be positive")
     if name == "class_token_len" and value < 0:
         raise ModelConfigError(f"{where} = {value!r}: must be at least 0")
     return value
+
+
+def _encodable_path(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked_override(field: dataclasses.Field, value: Any, where: str) -> Any:
@@ -326,7 +337,7 @@ def _fill_part(part: Any, part_name: str, raw: dict, source: str,
         target = _ALIASES[part_name].get(key, key)
         required = _REQUIRED_VALUES[part_name]
         if key in required:
-            if (part_name, key, value) in _LEGACY_VALUES:
+            if isinstance(value, str) and (part_name, key, value) in _LEGACY_VALUES:
                 logger.warning("%s = %r: %s; building LLaVA-1.5's %r", where, value,
                                _LEGACY_VALUES[part_name, key, value], required[key])
             elif value != required[key]:
@@ -368,6 +379,16 @@ def _check_projector_widths(config: LlavaConfig, raw: dict, source: str) -> None
 
 def from_mindspeed_json(raw: dict, source: str = "model.json") -> LlavaConfig:
     """Build a config from MindSpeed-MM's published ``model.json`` layout (see module docstring)."""
+    try:
+        return _from_mindspeed_json(raw, source)
+    except ModelConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # a JSON type no check above foresaw
+        raise ModelConfigError(f"{source}: a field has the wrong type or shape ({type(error).__name__}: {error})") \
+            from None
+
+
+def _from_mindspeed_json(raw: dict, source: str) -> LlavaConfig:
     unknown_top = set(raw) - {"model_id", "text_decoder", "image_encoder", "text_encoder", "video_encoder",
                               "attention_backend"}
     if unknown_top:

@@ -212,7 +212,15 @@ def _image_config(pipeline: dict, where: str) -> ImagePreprocessConfig:
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
     """Read a MindSpeed-MM-style ``data.json``; errors name the file and the field to fix."""
-    path = Path(path)
+    try:
+        return _load_data_config(Path(path))
+    except DataError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # a JSON type no check below foresaw
+        raise DataError(f"{path}: a field has the wrong type or shape ({type(error).__name__}: {error})") from None
+
+
+def _load_data_config(path: Path) -> DataConfig:
     where = str(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -273,8 +281,6 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         )
     except DataError as error:
         raise DataError(f"{where}: {error}") from None
-    except TypeError as error:
-        raise DataError(f"{where}: a field has the wrong type ({error})") from None
 
 
 def data_config_json(

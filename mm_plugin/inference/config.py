@@ -31,7 +31,7 @@ from typing import Optional, Union
 from mm_plugin.config.model import DTYPES, LlavaConfig, ModelConfigError, from_mindspeed_json
 from mm_plugin.data.config import ImagePreprocessConfig
 from mm_plugin.inference.prompts import TEMPLATES
-from mm_plugin.inference.sampling import GenerationConfig
+from mm_plugin.inference.sampling import GenerationConfig, GenerationConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,16 @@ def load_inference_config(path: Union[str, Path]) -> InferenceConfig:
 
 
 def parse_inference_config(raw: dict, base: Path, source: str) -> InferenceConfig:
+    try:
+        return _parse_inference_config(raw, base, source)
+    except (InferenceConfigError, GenerationConfigError):
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # a JSON type no check foresaw
+        raise InferenceConfigError(f"{source}: a field has the wrong type or shape ({type(error).__name__}: "
+                                   f"{error})") from None
+
+
+def _parse_inference_config(raw: dict, base: Path, source: str) -> InferenceConfig:
     known = set(MODEL_FIELDS) | {"pipeline_class", "dtype", "device", "tokenizer", "generation_config",
                                  "image_processer_path", "image_path", "prompts", "template", "image_aspect_ratio"}
     unknown = sorted(set(raw) - known)
@@ -137,10 +147,11 @@ def model_config(raw: dict, source: str, resolve=None) -> LlavaConfig:
     """The model sections, as model.json; ``dtype`` (all parts) and the inference-only field
     ``text_decoder.is_encoder_decoder`` (must be false) applied here."""
     sections = {key: raw[key] for key in MODEL_FIELDS if key in raw}
-    decoder = dict(sections.get("text_decoder") or {})
-    if decoder.pop("is_encoder_decoder", False):
-        raise InferenceConfigError(f"{source}: text_decoder.is_encoder_decoder: LLaVA's decoder is decoder-only")
-    sections["text_decoder"] = decoder
+    if isinstance(sections.get("text_decoder"), dict):  # anything else: from_mindspeed_json names it
+        decoder = dict(sections["text_decoder"])
+        if decoder.pop("is_encoder_decoder", False) is not False:
+            raise InferenceConfigError(f"{source}: text_decoder.is_encoder_decoder: LLaVA's decoder is decoder-only")
+        sections["text_decoder"] = decoder
     try:
         config = from_mindspeed_json(sections, source)
     except ModelConfigError as error:
