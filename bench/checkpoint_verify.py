@@ -1,14 +1,18 @@
 """What verifying a checkpoint costs next to loading it: manifest hashing and the pickle check vs dist_checkpointing.load.
 
-Saves a dist_checkpointing checkpoint of ``--gib`` GiB of float32 weights in this process (a world of one;
-``mm_plugin.training.checkpointing.save_checkpoint``'s manifest step included), then, ``--rounds`` times
-each with the files in the page cache as a load right after a save finds them:
+Saves a dist_checkpointing checkpoint of ``--gib`` GiB of weights in this process (a world of one;
+``mm_plugin.training.checkpointing.save_checkpoint``'s manifest step included), then times, ``--rounds``
+times each, with the files in the page cache as a load right after a save finds them (or, ``--cold``, not):
 
 * ``dist_checkpointing.load`` of every tensor (what a resume reads);
 * ``verify_manifest`` (CRC-32 of every file, the part of the check that grows with the checkpoint);
 * ``check_dist_checkpoint`` (the pickles read without executing them: .metadata, common.pt, RNG objects).
 
-    python bench/checkpoint_verify.py [--gib 2] [--rounds 3]
+``--dtype bf16 --gib 12.6`` is LLaVA-1.5-7B's language model in bf16 (6.74 B parameters), what a stage-2
+checkpoint holds before its optimizer. ``--cold`` drops the page cache before each step (needs root), as a
+load after a restart or on another node finds the files.
+
+    python bench/checkpoint_verify.py [--gib 2] [--rounds 3] [--dtype fp32|bf16] [--cold]
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each step (root)")
     args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     import mm_plugin  # noqa: F401  (patches: megatron-core on the CPU)
     from megatron.core import dist_checkpointing
@@ -46,36 +53,46 @@ def main() -> int:
     join_world()
     set_model_parallel(1, 1)
     rows = 4096
-    count = max(1, round(args.gib * 2**30 / (rows * rows * 4)))
+    count = max(1, round(args.gib * 2**30 / (rows * rows * dtype.itemsize)))
 
     def state(fill):
-        return {f"layer{k}.weight": ShardedTensor.from_rank_offsets(f"layer{k}.weight", fill((rows, rows)))
-                for k in range(count)}
+        return {f"layer{k}.weight": ShardedTensor.from_rank_offsets(
+            f"layer{k}.weight", fill((rows, rows), dtype=dtype)) for k in range(count)}
+
+    def settle():
+        if args.cold:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
     with tempfile.TemporaryDirectory(prefix="ckpt-verify-", dir=os.environ.get("TMPDIR")) as folder:
         directory = Path(folder) / "iter_0000001"
         directory.mkdir()
-        dist_checkpointing.save(state(torch.randn), str(directory))
+        dist_checkpointing.save(state(torch.randn), str(directory))  # the state is freed before loading
         start = time.perf_counter()
         write_manifest(directory)
         write_seconds = time.perf_counter() - start
         size = sum(path.stat().st_size for path in directory.iterdir()) / 2**30
         times = {"load": [], "manifest": [], "pickles": []}
         for _ in range(args.rounds):
+            settle()
             start = time.perf_counter()
-            dist_checkpointing.load(state(torch.empty), str(directory))
+            loaded = dist_checkpointing.load(state(torch.empty), str(directory))
             times["load"].append(time.perf_counter() - start)
+            del loaded
+            settle()
             start = time.perf_counter()
             assert verify_manifest(directory) is None
             times["manifest"].append(time.perf_counter() - start)
+            settle()
             start = time.perf_counter()
             check_dist_checkpoint(directory)
             times["pickles"].append(time.perf_counter() - start)
 
     best = {name: min(values) for name, values in times.items()}
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; one process")
-    print(f"checkpoint: {count} float32 tensors of {rows}x{rows}, {size:.2f} GiB on disk; best of {args.rounds}, "
-          "files in the page cache\n")
+    cache = "page cache dropped before each step" if args.cold else "files in the page cache"
+    print(f"checkpoint: {count} {args.dtype} tensors of {rows}x{rows}, {size:.2f} GiB on disk; best of "
+          f"{args.rounds}, {cache}\n")
     print("| step | seconds | GiB/s | share of the load |")
     print("|---|---|---|---|")
     print(f"| dist_checkpointing.load | {best['load']:.2f} | {size / best['load']:.2f} | 100% |")
