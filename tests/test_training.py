@@ -296,6 +296,9 @@ def test_damaged_bytes_stop_the_load_naming_the_file_and_the_last_good_checkpoin
     with pytest.raises(CheckpointError, match=re.escape(str(save / "iter_0000004" / file)) + ".*" + expected
                        + ".*" + re.escape(f"--load {save / 'iter_0000002'}")):
         _read_with(entry, setup, save)
+    (save / "iter_0000002" / "manifest.json").unlink()  # an older checkpoint that cannot be verified is not offered
+    with pytest.raises(CheckpointError, match="no older checkpoint beside it verifies"):
+        _read_with(entry, setup, save)
 
 
 @pytest.mark.parametrize("damage", ["truncated shard", "empty shard", "deleted shard", "deleted .metadata",

@@ -34,7 +34,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from mm_plugin import device
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint, write_text
-from mm_plugin.training.manifest import verify_manifest, write_manifest
+from mm_plugin.training.manifest import MANIFEST, verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _verify(directory: Path, iteration: int) -> None:
     damage = verify_manifest(directory)
     if damage:
         older = next((older for older in _older_checkpoints(directory.parent, iteration)
-                      if verify_manifest(older) is None), None)
+                      if (older / MANIFEST).is_file() and verify_manifest(older) is None), None)
         raise CheckpointError(
             f"{damage}. {directory} is damaged and is not loaded; "
             + (f"{older} verifies: pass --load {older} to go on from it (or restore the file from a copy)"
