@@ -20,7 +20,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy
 import torch
@@ -59,6 +59,18 @@ def admitting_megatron_types() -> Iterator[None]:
     registered = torch.serialization.get_safe_globals()
     with torch.serialization.safe_globals([t for t in megatron_safe_globals() if t not in registered]):
         yield
+
+
+def file_name_problem(name: str) -> Optional[str]:
+    """Why no file system can hold ``name`` (a NUL byte, or a lone surrogate that is not an undecodable byte
+    of os.fsencode's surrogateescape), or ``None``."""
+    if "\x00" in name:
+        return "contains a NUL byte"
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError as error:
+        return f"is not a valid file name ({error.reason})"
+    return None
 
 
 def _is_torchscript_archive(path: Path) -> bool:

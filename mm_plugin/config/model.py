@@ -20,10 +20,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import typing
 from pathlib import Path
 from typing import Any, Optional
+
+from mm_plugin.safe_io import file_name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -297,21 +298,13 @@ def _checked(part: Any, name: str, value: Any, where: str) -> Any:
     if not fits:
         expected = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}[kind]
         raise ModelConfigError(f"{where} = {value!r}: expected {expected}")
-    if name == "ckpt_path" and ("\x00" in value or not _encodable_path(value)):
-        raise ModelConfigError(f"{where} = {value!r}: not a file name (a NUL byte or an unencodable character)")
+    if name == "ckpt_path" and file_name_problem(value):
+        raise ModelConfigError(f"{where} = {value!r}: not a file name: it {file_name_problem(value)}")
     if kind in (int, float) and name not in _NOT_POSITIVE and value <= 0:
         raise ModelConfigError(f"{where} = {value!r}: must be positive")
     if name == "class_token_len" and value < 0:
         raise ModelConfigError(f"{where} = {value!r}: must be at least 0")
     return value
-
-
-def _encodable_path(text: str) -> bool:
-    try:
-        os.fsencode(text)
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _checked_override(field: dataclasses.Field, value: Any, where: str) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..safe_io import file_name_problem
 from . import fast_image
 from .config import ImagePreprocessConfig
 from .errors import BadSample
@@ -47,14 +48,10 @@ def resolve_image_path(data_folder: str, relative: str, real_folder: Optional[st
 
 
 def _check_file_name(path: str) -> None:
-    """``BadSample`` for a name no file system can hold: a NUL byte, or a lone surrogate that is not an
-    undecodable byte (os.fsencode's surrogateescape)."""
-    if "\x00" in path:
-        raise BadSample("unsafe_image_path", f"{path!r} contains a NUL byte")
-    try:
-        os.fsencode(path)
-    except UnicodeEncodeError as error:
-        raise BadSample("unsafe_image_path", f"{path!r} is not a valid file name ({error.reason})") from None
+    """``BadSample`` for a name no file system can hold (os.stat would raise ValueError or UnicodeEncodeError)."""
+    problem = file_name_problem(path)
+    if problem:
+        raise BadSample("unsafe_image_path", f"{path!r} {problem}")
 
 
 def expand_to_square(pixels: np.ndarray, background: tuple[int, ...]) -> np.ndarray:

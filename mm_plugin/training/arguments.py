@@ -57,7 +57,6 @@ def _integer(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
     return parse
 
 
@@ -74,7 +73,6 @@ def _real(low: float = 0.0, high: float = math.inf, high_open: bool = False) -> 
             raise argparse.ArgumentTypeError(f"must be at least {low:g} and {bound}, got {text}")
         return value
 
-    parse.__name__ = "number"
     return parse
 
 
