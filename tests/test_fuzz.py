@@ -190,7 +190,7 @@ def saved_checkpoint(megatron_single, tmp_path_factory):
 @given(data=st.data())
 def test_damaged_checkpoints_are_refused_with_a_reason(saved_checkpoint, data):
     from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint
-    from mm_plugin.training.checkpointing import CheckpointError, resolve_checkpoint
+    from mm_plugin.training.checkpointing import CheckpointError, reading_checkpoint
 
     names = sorted(path.name for path in saved_checkpoint.iterdir() if path.name != "manifest.json")
     name = data.draw(st.sampled_from(names))
@@ -205,7 +205,8 @@ def test_damaged_checkpoints_are_refused_with_a_reason(saved_checkpoint, data):
                 content[position] = 255 - content[position]
         (copy_dir / name).write_bytes(bytes(content))
         with pytest.raises(CheckpointError, match=rf"{name}"):  # the manifest names the damaged file
-            resolve_checkpoint(copy_dir)
+            with reading_checkpoint(copy_dir):
+                pass
         (copy_dir / "manifest.json").unlink()
         try:  # without one, the structural checks reject what they can read as broken; nothing else escapes
             check_dist_checkpoint(copy_dir)

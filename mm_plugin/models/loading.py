@@ -129,9 +129,9 @@ def load_parts(model, config: LlavaConfig) -> None:
 
 def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
     """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model."""
-    from mm_plugin.training.checkpointing import load_model_weights, resolve_checkpoint
+    from mm_plugin.training.checkpointing import load_model_weights, reading_checkpoint
 
-    checkpoint, _ = resolve_checkpoint(directory)
     needed = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
-    load_model_weights(checkpoint, model, prefix=prefix, required=needed)
+    with reading_checkpoint(directory) as (checkpoint, _):
+        load_model_weights(checkpoint, model, prefix=prefix, required=needed)
     logger.info("%s: loaded from training checkpoint %s", prefix.rstrip("."), checkpoint)

@@ -8,8 +8,9 @@ projector, megabytes, not the frozen 7B decoder), the optimizer, the LR schedule
 state, the data position (consumed samples) and the model configuration. Saving is atomic: all ranks
 write into ``iter_N.partial``, which is renamed to ``iter_N`` once complete; the tracker file is
 written last, so a crash leaves the previous checkpoint as the latest. Before the rename every file's
-size and CRC-32 go into ``manifest.json``; a load verifies the files against it, and reads every pickle without
-executing it (``safe_io.check_dist_checkpoint``), before megatron-core reads anything.
+size and CRC-32 go into ``manifest.json``. A load reads every pickle without executing it
+(``safe_io.check_dist_checkpoint``) before megatron-core reads anything, and hashes the files against the
+manifest while it reads them: nothing loaded is used before they match (``reading_checkpoint``).
 
 Megatron-LM's stock ``pretrain()`` saves the same layout with its own bookkeeping: its arguments
 (where ``launch/pretrain.py`` puts the model configuration, ``mm_model_config``) instead of ours. Its
@@ -23,8 +24,9 @@ import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy
 import torch
@@ -34,7 +36,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from mm_plugin import device
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint, write_text
-from mm_plugin.training.manifest import MANIFEST, verify_manifest, write_manifest
+from mm_plugin.training.manifest import MANIFEST, Verification, verify_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,8 @@ def holds_checkpoint(path: str | Path) -> bool:
     return (path / TRACKER).is_file() or (path.name.startswith("iter_") and path.is_dir())
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[int]]:
-    """``SAVE`` (use its tracker) or an ``iter_N`` directory -> (directory, iteration), verified (collective
-    when torch.distributed is initialised): its files match its manifest and its pickles need no code."""
+def _locate(path: str | Path) -> tuple[Path, int]:
+    """``SAVE`` (use its tracker) or an ``iter_N`` directory -> (directory, iteration)."""
     path = Path(path)
     iteration = latest_iteration(path)
     if iteration is not None:
@@ -83,11 +84,41 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Optional[int]]:
         )
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory}: incomplete or not a dist_checkpointing checkpoint (no metadata.json)")
-    files = _file_signature(directory)
-    if _verified.get(directory.resolve()) != files:  # inference reads several parts of one checkpoint
-        _verify(directory, iteration)
-        _verified[directory.resolve()] = files
     return directory, iteration
+
+
+@contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[tuple[Path, int]]:
+    """``SAVE`` (use its tracker) or an ``iter_N`` directory -> (directory, iteration), for the body to load
+    from; verified meanwhile (collective when torch.distributed is initialised).
+
+    Its pickles are checked before the body runs (before megatron-core or torch unpickle anything of it);
+    its files are hashed against its manifest while the body reads them, and the ``with`` does not end
+    before they match: damaged bytes raise ``CheckpointError`` naming the file, whatever the body loaded
+    or raised, so nothing trains or generates from them. Overlapping costs a load about nothing when the
+    files come from disk and little from the page cache (bench/checkpoint_verify.py).
+    """
+    directory, iteration = _locate(path)
+    files = _file_signature(directory)
+    if _verified.get(directory.resolve()) == files:  # inference reads several parts of one checkpoint
+        yield directory, iteration
+        return
+    verification = Verification(directory)
+    try:
+        try:
+            check_dist_checkpoint(directory)
+        except (UnsafeFileError, WeightFileError) as error:
+            raise CheckpointError(str(error)) from None
+        yield directory, iteration
+    except Exception:  # damaged bytes explain whatever went wrong reading them
+        damage = verification.verdict()
+        if damage:
+            raise _damaged(directory, iteration, damage) from None
+        raise
+    damage = verification.verdict()
+    if damage:
+        raise _damaged(directory, iteration, damage)
+    _verified[directory.resolve()] = files
 
 
 _verified: dict[Path, tuple] = {}
@@ -99,21 +130,16 @@ def _file_signature(directory: Path) -> tuple:
                         for path in directory.iterdir() for stat in (path.stat(),)))
 
 
-def _verify(directory: Path, iteration: int) -> None:
-    """The checkpoint's files match its manifest and none of its pickles needs code (collective)."""
-    damage = verify_manifest(directory)
-    if damage:
-        older = next((older for older in _older_checkpoints(directory.parent, iteration)
-                      if (older / MANIFEST).is_file() and verify_manifest(older) is None), None)
-        raise CheckpointError(
-            f"{damage}. {directory} is damaged and is not loaded; "
-            + (f"{older} verifies: pass --load {older} to go on from it (or restore the file from a copy)"
-               if older else "no older checkpoint beside it verifies: restore the file from a copy")
-        )
-    try:  # before megatron-core or torch unpickle anything of it
-        check_dist_checkpoint(directory)
-    except (UnsafeFileError, WeightFileError) as error:
-        raise CheckpointError(str(error)) from None
+def _damaged(directory: Path, iteration: int, damage: str) -> CheckpointError:
+    """The error for a checkpoint whose files do not match its manifest, offering the newest older one that
+    verifies."""
+    older = next((older for older in _older_checkpoints(directory.parent, iteration)
+                  if (older / MANIFEST).is_file() and verify_manifest(older) is None), None)
+    return CheckpointError(
+        f"{damage}. {directory} is damaged and is not used; "
+        + (f"{older} verifies: pass --load {older} to go on from it (or restore the file from a copy)"
+           if older else "no older checkpoint beside it verifies: restore the file from a copy")
+    )
 
 
 def _older_checkpoints(root: Path, iteration: int) -> list[Path]:
@@ -252,37 +278,38 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
     Weights the checkpoint lacks keep what the part files gave them; for a resume (not ``finetune``)
     every trainable weight must be in the checkpoint.
     """
-    directory, iteration = resolve_checkpoint(path)
-    common = common_state(directory)
-    if "mm_plugin" not in common and not finetune:
-        saved_model_config(directory, common)  # names a checkpoint that is not a training checkpoint at all
-        raise CheckpointError(f"{directory} was saved by Megatron-LM's pretrain(): resume it there (launch/pretrain.py "
-                              "with Megatron-LM on PYTHONPATH), or start a new run from its weights with --finetune")
-    trainable = model_sharded_state(model, trainable_only=True)
-    loaded_weights = load_model_weights(directory, model, required=None if finetune else set(trainable))
-    request: dict[str, Any] = {}
-    resume_optimizer = load_optimizer and not finetune and "opt_param_scheduler" in common
-    if resume_optimizer:
-        request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
-    layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == _layout()
-    # A sharded object's key is "rng_state" plus its shard: "rng_state/shard_0.0.0_1.1.1" on megatron-core
-    # 0.16, a dotted suffix on older lines; a tensor's is its dotted name.
-    saved_objects = {re.split(r"[./]", key, maxsplit=1)[0] for key in load_sharded_metadata(str(directory))}
-    restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
-    if load_rng and not finetune and not layout_matches:
-        logger.warning("%s was saved with parallel layout %s, this run is %s: RNG states are not restored",
-                       directory, common["mm_plugin"]["layout"], _layout())
-    if restore_rng:
-        request["rng_state"] = _rng_state()
-    if request:
-        loaded = dist_checkpointing.load(request, str(directory))
+    with reading_checkpoint(path) as (directory, iteration):
+        common = common_state(directory)
+        if "mm_plugin" not in common and not finetune:
+            saved_model_config(directory, common)  # names a checkpoint that is not a training checkpoint at all
+            raise CheckpointError(f"{directory} was saved by Megatron-LM's pretrain(): resume it there "
+                                  "(launch/pretrain.py with Megatron-LM on PYTHONPATH), or start a new run from its "
+                                  "weights with --finetune")
+        trainable = model_sharded_state(model, trainable_only=True)
+        loaded_weights = load_model_weights(directory, model, required=None if finetune else set(trainable))
+        request: dict[str, Any] = {}
+        resume_optimizer = load_optimizer and not finetune and "opt_param_scheduler" in common
         if resume_optimizer:
-            optimizer.load_state_dict(loaded["optimizer"])
-            scheduler.load_state_dict(common["opt_param_scheduler"])
+            request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
+        layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == _layout()
+        # A sharded object's key is "rng_state" plus its shard: "rng_state/shard_0.0.0_1.1.1" on megatron-core
+        # 0.16, a dotted suffix on older lines; a tensor's is its dotted name.
+        saved_objects = {re.split(r"[./]", key, maxsplit=1)[0] for key in load_sharded_metadata(str(directory))}
+        restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
+        if load_rng and not finetune and not layout_matches:
+            logger.warning("%s was saved with parallel layout %s, this run is %s: RNG states are not restored",
+                           directory, common["mm_plugin"]["layout"], _layout())
         if restore_rng:
-            _restore_rng(loaded["rng_state"])
-    logger.info("loaded %s: %d weight tensors%s%s", directory, len(loaded_weights),
-                ", optimizer and LR schedule" if resume_optimizer else "", ", RNG" if restore_rng else "")
+            request["rng_state"] = _rng_state()
+        if request:
+            loaded = dist_checkpointing.load(request, str(directory))
+            if resume_optimizer:
+                optimizer.load_state_dict(loaded["optimizer"])
+                scheduler.load_state_dict(common["opt_param_scheduler"])
+            if restore_rng:
+                _restore_rng(loaded["rng_state"])
+        logger.info("loaded %s: %d weight tensors%s%s", directory, len(loaded_weights),
+                    ", optimizer and LR schedule" if resume_optimizer else "", ", RNG" if restore_rng else "")
     if finetune:
         return 0, 0
     return iteration, int(common["consumed_train_samples"])
@@ -325,14 +352,14 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from mm_plugin.config.model import from_mindspeed_json
     from mm_plugin.models.llava import LlavaModel
 
-    directory, _ = resolve_checkpoint(path)
-    config = from_mindspeed_json(saved_model_config(directory, common_state(directory)),
-                                 source=f"{directory} (saved model config)")
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise CheckpointError("read_model_tensors runs at tensor- and pipeline-parallel size 1")
-    model = LlavaModel(config, extra={"perform_initialization": False})
-    names = set(load_model_weights(directory, model))
+    with reading_checkpoint(path) as (directory, _):
+        config = from_mindspeed_json(saved_model_config(directory, common_state(directory)),
+                                     source=f"{directory} (saved model config)")
+        model = LlavaModel(config, extra={"perform_initialization": False})
+        names = set(load_model_weights(directory, model))
     tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
     for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
         if name in tensors:  # drop the vocabulary padding rows, as in a part file

@@ -3,7 +3,8 @@
 Neither megatron-core nor torch.distributed.checkpoint checks what it reads back: flipped bytes inside a
 weight or optimizer shard load silently and training goes on with the damaged values. So every save
 writes ``manifest.json`` into the checkpoint before the tracker moves to it, and every load verifies the
-files against it first; a mismatch stops with the damaged file's name (see ``checkpointing``).
+files against it while reading them (``Verification``); a mismatch stops with the damaged file's name before
+anything loaded is used (see ``checkpointing.reading_checkpoint``).
 
 CRC-32 (zlib's, several GB/s) rather than a cryptographic hash: the manifest guards against damage (flipped
 bits, torn or truncated copies), not against someone who rewrites the files, who could rewrite it too; what
@@ -12,7 +13,7 @@ several times slower and would buy nothing here; what verifying costs next to a 
 bench/checkpoint_verify.py.
 
 Hashing is shared among the ranks (each hashes every world-size-th file, the verdicts are gathered), so
-both calls are collective when torch.distributed is initialised, as the saves and loads around them are.
+writing and verdicts are collective when torch.distributed is initialised, as the saves and loads around them are.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -65,27 +67,62 @@ def write_manifest(directory: Path) -> None:
         write_text(directory / MANIFEST, json.dumps({"algorithm": "crc32", "files": files}, indent=1) + "\n")
 
 
+class Verification:
+    """``directory`` checked against its manifest, begun at construction so that a load can read the files
+    meanwhile: presence and sizes at once, this rank's share of the CRC-32s on a background thread (zlib
+    releases the GIL while it hashes). A cold checkpoint is then read from disk once: whichever of the two
+    reads a file first leaves it in the page cache for the other. ``verdict()`` waits for the thread and
+    gathers every rank's findings (collective when torch.distributed is initialised).
+
+    A checkpoint saved without a manifest is not checked: its verdict is ``None``.
+    """
+
+    def __init__(self, directory: Path):
+        self._problems: dict[str, str] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._listed = (directory / MANIFEST).is_file()
+        if not self._listed:
+            return
+        manifest_file = directory / MANIFEST
+        try:
+            files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
+            expected = {str(name): (int(entry["bytes"]), str(entry["crc32"])) for name, entry in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            self._problems[MANIFEST] = f"{manifest_file}: damaged ({type(error).__name__}: {error})"
+            return
+        to_hash = []
+        for name in _share(sorted(expected)):
+            path = directory / name
+            size, digest = expected[name]
+            if Path(name).name != name or not path.is_file():
+                self._problems[name] = f"{path}: missing (listed in {manifest_file})"
+            elif path.stat().st_size != size:
+                self._problems[name] = f"{path}: {path.stat().st_size} bytes, {size} when it was saved"
+            else:
+                to_hash.append((name, path, digest))
+        self._thread = threading.Thread(target=self._hash, args=(to_hash,), name="manifest-crc32", daemon=True)
+        self._thread.start()
+
+    def _hash(self, files: list[tuple[str, Path, str]]) -> None:
+        for name, path, digest in files:
+            try:
+                if _crc32(path) != digest:
+                    self._problems[name] = (f"{path}: damaged: its CRC-32 differs from the one recorded when it "
+                                            "was saved")
+            except OSError as error:
+                self._problems[name] = f"{path}: unreadable ({error})"
+
+    def verdict(self) -> Optional[str]:
+        """``None`` when every listed file is there with its size and hash, else what is wrong (the first
+        damaged file, by name)."""
+        if not self._listed:
+            return None
+        if self._thread is not None:
+            self._thread.join()
+        problems = _gather(self._problems)
+        return problems[min(problems)] if problems else None
+
+
 def verify_manifest(directory: Path) -> Optional[str]:
-    """``None`` when every file ``manifest.json`` lists is there with its size and hash, else what is wrong
-    (the first damaged file, by name). A checkpoint saved without a manifest is not checked (``None``).
-    Collective when torch.distributed is initialised."""
-    manifest_file = directory / MANIFEST
-    if not manifest_file.is_file():
-        return None
-    try:
-        files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
-        expected = {str(name): (int(entry["bytes"]), str(entry["crc32"])) for name, entry in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        return f"{manifest_file}: damaged ({type(error).__name__}: {error})"
-    problems = {}
-    for name in _share(sorted(expected)):
-        path = directory / name
-        size, digest = expected[name]
-        if Path(name).name != name or not path.is_file():
-            problems[name] = f"{path}: missing (listed in {manifest_file})"
-        elif path.stat().st_size != size:
-            problems[name] = f"{path}: {path.stat().st_size} bytes, {size} when it was saved"
-        elif _crc32(path) != digest:
-            problems[name] = f"{path}: damaged: its CRC-32 differs from the one recorded when it was saved"
-    problems = _gather(problems)
-    return problems[min(problems)] if problems else None
+    """``Verification(directory).verdict()``: the whole check, here and now (collective)."""
+    return Verification(directory).verdict()
