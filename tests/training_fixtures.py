@@ -78,9 +78,10 @@ def argv(root: Path, *, model: str = "stage1.json", data: str = "pretrain", iter
             "--log-interval", "1000", "--num-workers", "0", "--clip-grad", "1.0", *extra]
 
 
-def train(arguments: list[str], forward_step_wrapper=None):
+def train(arguments: list[str], forward_step_wrapper=None, after=None):
     """Run the package's pretrain() in this process (a rank of the pool, or the test process) and
-    return ``(losses, skipped iterations, {name: tensor} of the trained model)``."""
+    return ``(losses, skipped iterations, {name: tensor} of the trained model)``; ``after`` is called with
+    the trained (unwrapped) model first."""
     import mm_plugin  # noqa: F401
     from megatron.core.enums import ModelType
 
@@ -99,6 +100,8 @@ def train(arguments: list[str], forward_step_wrapper=None):
                       forward_step, args=args, stats=providers.stats, model_config=model_config)
     from mm_plugin.parallel.placement import unwrap
 
+    if after is not None:
+        after(unwrap(result.model))
     weights = {name: p.detach().clone() for name, p in unwrap(result.model).named_parameters()}
     return [loss for _, loss in result.losses], result.skipped_iterations, weights
 

@@ -16,6 +16,7 @@ than ``max_bad_fraction`` of the samples this rank has read were replacements (c
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from typing import Any, Iterator, Optional
 
@@ -27,8 +28,9 @@ from .dataset import LlavaDataset
 from .errors import BAD_REASONS, REASON_HINTS, DataError, TooManyBadSamples
 from .images import ImageProcessor
 from .index import RecordIndex
-from .sampler import TrainingSampler
+from .sampler import PackedStepSampler, TrainingSampler
 from .collate import Collator
+from .packing import PackingCollator
 from .tokenization import get_template
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,16 @@ def build_datasets(
     return dataset(config.data_path, config.data_folder), None
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedSteps:
+    """How a packed run reads: ``num_microbatches`` global micro-batches per step (the unpacked run's),
+    ``fixed_rows`` when the model's stages need every micro-batch as ``micro_batch_size`` x ``seq_length``
+    (pipeline parallelism)."""
+
+    num_microbatches: int
+    fixed_rows: bool
+
+
 class BadSampleGuard:
     """Passes batches through; logs replaced records and stops when there are too many."""
 
@@ -95,8 +107,12 @@ class BadSampleGuard:
     def __iter__(self) -> "BadSampleGuard":
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> Any:
         batch = next(self.batches)
+        self.count(batch if isinstance(batch, dict) else _merged_counts(batch))
+        return batch
+
+    def count(self, batch: dict[str, Any]) -> None:
         self.samples += len(batch["sample_ids"])
         self.bad += batch["bad_counts"]
         for reason, message in batch["bad_records"]:
@@ -112,7 +128,13 @@ class BadSampleGuard:
                 f"({total / self.samples:.2%}, limit max_bad_fraction={self.max_fraction:.2%}); by reason: {reasons}. "
                 f"Run `mm-data check` for a full report. {hints}"
             )
-        return batch
+
+
+def _merged_counts(micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a packed step's micro-batches read, for the guard's counts (each micro-batch carries its own)."""
+    return {"sample_ids": [sample for batch in micro_batches for sample in batch["sample_ids"]],
+            "bad_counts": sum(batch["bad_counts"] for batch in micro_batches),
+            "bad_records": [record for batch in micro_batches for record in batch["bad_records"]]}
 
 
 def build_data_iterators(
@@ -129,12 +151,16 @@ def build_data_iterators(
     patch_size: int,
     model_max_length: Optional[int] = None,
     image_tokens: Optional[int] = None,
-) -> tuple[Iterator[dict[str, Any]], Optional[Iterator[dict[str, Any]]]]:
+    packed_steps: Optional[PackedSteps] = None,
+) -> tuple[Iterator[Any], Optional[Iterator[dict[str, Any]]]]:
     """Endless (train, valid) micro-batch iterators for one data-parallel rank.
 
     ``image_tokens`` (positions one image takes in the decoder) defaults to ``(image_size // patch_size)**2``;
     ``model_max_length`` defaults to the data config's. Training resumes exactly at ``consumed_samples``
     (counted over all ranks). Validation reads its records in order, from the start, cycling.
+
+    ``packed_steps``: the training iterator yields one list of packed micro-batches per step instead
+    (``packing.PackingCollator``); validation stays unpacked.
     """
     crop = (config.image.crop_height, config.image.crop_width)
     if crop != (image_size, image_size):
@@ -150,14 +176,14 @@ def build_data_iterators(
     if pad_token_id is None:
         raise DataError("no padding id: set dataloader_param.collate_param.pad_token_id in data.json")
 
-    def iterator(dataset: LlavaDataset, sampler: TrainingSampler) -> Iterator[dict[str, Any]]:
+    def iterator(dataset: LlavaDataset, sampler: TrainingSampler, collate=Collator(pad_token_id)) -> Iterator[Any]:
         from .. import device
 
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=Collator(pad_token_id),
+            collate_fn=collate,
             pin_memory=config.pin_memory and device.kind() != "cpu",
             persistent_workers=num_workers > 0,
             # Its workers' base seed comes from this generator, not the global one: building the data
@@ -169,10 +195,15 @@ def build_data_iterators(
 
     rank = dict(micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
                 data_parallel_size=data_parallel_size)
-    train_sampler = TrainingSampler(
-        len(train), consumed_samples=consumed_samples, seed=seed, shuffle=config.shuffle,
-        drop_last=config.drop_last, lengths=train.lengths() if config.group_by_length else None, **rank)
+    order = dict(consumed_samples=consumed_samples, seed=seed, shuffle=config.shuffle, drop_last=config.drop_last,
+                 lengths=train.lengths() if config.group_by_length else None, **rank)
     valid_iterator = None
     if valid is not None:
         valid_iterator = iterator(valid, TrainingSampler(len(valid), shuffle=False, drop_last=False, **rank))
-    return iterator(train, train_sampler), valid_iterator
+    if packed_steps is None:
+        return iterator(train, TrainingSampler(len(train), **order)), valid_iterator
+    sampler = PackedStepSampler(len(train), num_microbatches=packed_steps.num_microbatches,
+                                estimated_lengths=train.lengths(), **order)
+    collate = PackingCollator(pad_token_id, seq_length=model_max_length, tokens_per_image=image_tokens,
+                              micro_batch_size=micro_batch_size, fixed_rows=packed_steps.fixed_rows)
+    return iterator(train, sampler, collate), valid_iterator

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import DataError
+from .packing import balance_over_ranks
 
 LENGTH_GROUP_STEPS = 16
 """Length grouping sorts windows of this many global micro-batches by length."""
@@ -87,11 +88,42 @@ class TrainingSampler:
             grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
         return np.concatenate(grouped)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def global_micro_batches(self) -> Iterator[np.ndarray]:
+        """The positions of every global micro-batch from ``consumed_samples`` on, epoch after epoch."""
         epoch, offset = divmod(self.consumed_samples, self.samples_per_epoch)
-        first = self.rank * self.micro_batch_size
         while True:
             order = self.epoch_order(epoch)
             for start in range(offset, self.samples_per_epoch, self.global_batch):
-                yield order[start + first:start + first + self.micro_batch_size].tolist()
+                yield order[start:start + self.global_batch]
             epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.rank * self.micro_batch_size
+        for batch in self.global_micro_batches():
+            yield batch[first:first + self.micro_batch_size].tolist()
+
+
+class PackedStepSampler(TrainingSampler):
+    """This rank's share of each step's global batch, one list per step, for packing.
+
+    A step is the ``num_microbatches`` global micro-batches the unpacked sampler would give it (the same
+    epoch order, grouping included), so packing changes which rank and row a sample lands in, never which
+    step it belongs to. The step's samples are spread over the ranks by ``estimated_lengths`` so that
+    each rank gets about the same number of positions (``packing.balance_over_ranks``).
+    """
+
+    def __init__(self, num_samples: int, *, num_microbatches: int, estimated_lengths: np.ndarray, **kwargs):
+        super().__init__(num_samples, **kwargs)
+        self.num_microbatches = num_microbatches
+        self.ranks = self.global_batch // self.micro_batch_size
+        self.estimated_lengths = np.asarray(estimated_lengths)
+        if self.consumed_samples % (self.global_batch * num_microbatches):
+            raise DataError(f"consumed_samples={self.consumed_samples} is not a whole number of steps of "
+                            f"{self.global_batch * num_microbatches} samples")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_micro_batches()
+        while True:
+            step = np.concatenate([next(batches) for _ in range(self.num_microbatches)])
+            share = balance_over_ranks(self.estimated_lengths[step], self.ranks)[self.rank]
+            yield step[share].tolist()

@@ -31,6 +31,8 @@ class ExpandedTokens:
     """[b, s] float, 1 where the target is trained."""
     image_mask: torch.Tensor
     """[b, s] bool, True at the positions that receive image features."""
+    segments: Optional[torch.Tensor] = None
+    """[b, s] packed rows only: the sample each position belongs to (``data.packing``), -1 on padding."""
 
 
 def _name(sample_ids: Optional[Sequence[str]], row: int) -> str:
@@ -45,12 +47,14 @@ def expand_image_tokens(
     seq_length: Optional[int],
     pad_token_id: int = 0,
     sample_ids: Optional[Sequence[str]] = None,
+    segments: Optional[torch.Tensor] = None,
 ) -> ExpandedTokens:
     """Widen every placeholder of ``input_ids`` [b, L] to ``tokens_per_image`` positions.
 
     ``labels`` are aligned with ``input_ids`` (the token itself where trained, -100 elsewhere; None
     for inference). The result has ``seq_length`` positions (None: the longest expanded row). Only
-    trailing padding may be cut; a row whose labels or images would be cut raises.
+    trailing padding may be cut; a row whose labels or images would be cut raises. ``segments`` [b, L]
+    (packed rows) are widened with the ids, and no target crosses from one sample to the next.
     """
     is_image = input_ids == IMAGE_TOKEN_INDEX
     placeholders = is_image.sum(dim=1)
@@ -92,6 +96,12 @@ def expand_image_tokens(
     # Position t predicts token t+1: the last image position predicts the first caption token.
     targets = torch.full_like(expanded_labels, IGNORE_INDEX)
     targets[:, :-1] = expanded_labels[:, 1:]
+    expanded_segments = None
+    if segments is not None:  # a sample's last token predicts nothing, as before padding when unpacked
+        positions = torch.arange(length, device=device).expand(batch, length).contiguous()
+        source = torch.searchsorted(start.contiguous(), positions, right=True) - 1  # the token covering each
+        expanded_segments = segments.gather(1, source).masked_fill(positions >= expanded_lengths.unsqueeze(1), -1)
+        targets[:, :-1].masked_fill_(expanded_segments[:, 1:] != expanded_segments[:, :-1], IGNORE_INDEX)
     loss_mask = targets != IGNORE_INDEX
     targets = targets.masked_fill(~loss_mask, 0)
-    return ExpandedTokens(expanded_ids, targets, loss_mask.float(), image_mask)
+    return ExpandedTokens(expanded_ids, targets, loss_mask.float(), image_mask, expanded_segments)

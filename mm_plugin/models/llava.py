@@ -22,6 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from mm_plugin import patches
 from mm_plugin.config.model import LlavaConfig
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
+from mm_plugin.models.packed_rows import sample_attention_mask, sample_positions, use_sample_positions
 from mm_plugin.models.specs import language_layer_spec, projector_submodules, vision_layer_spec
 from mm_plugin.models.transformer_configs import TORCH_DTYPES, language_config, projector_config, vision_config
 from mm_plugin.models.vision import CLIPVisionTower
@@ -99,6 +100,7 @@ class LlavaModel(MegatronModule):
             position_embedding_type="rope",
             rotary_base=config.language.rotary_base,
         )
+        use_sample_positions(self.language_model.rotary_pos_emb)  # for packed rows
         self.cast_to_params_dtype()
         self.freeze()
 
@@ -147,9 +149,9 @@ class LlavaModel(MegatronModule):
 
     def expand(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor], image_counts: torch.Tensor,
                seq_length: Optional[int] = None, pad_token_id: int = 0,
-               sample_ids: Optional[Sequence[str]] = None) -> ExpandedTokens:
+               sample_ids: Optional[Sequence[str]] = None, segments: Optional[torch.Tensor] = None) -> ExpandedTokens:
         return expand_image_tokens(input_ids, labels, image_counts, self.tokens_per_image, seq_length,
-                                   pad_token_id, sample_ids)
+                                   pad_token_id, sample_ids, segments)
 
     def embed(self, tokens: ExpandedTokens, images: Optional[torch.Tensor]) -> torch.Tensor:
         """Decoder input [s, b, h]: token embeddings with image features at ``tokens.image_mask``."""
@@ -162,8 +164,9 @@ class LlavaModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 images: Optional[torch.Tensor] = None, image_counts: Optional[torch.Tensor] = None,
                 seq_length: Optional[int] = None, pad_token_id: int = 0,
-                sample_ids: Optional[Sequence[str]] = None):
-        """One micro-batch in the data's layout (one -200 per image, labels aligned with ids).
+                sample_ids: Optional[Sequence[str]] = None, segments: Optional[torch.Tensor] = None):
+        """One micro-batch in the data's layout (one -200 per image, labels aligned with ids); with
+        ``segments``, rows are packed (``data.packing``) and every sample sees only itself.
 
         Returns ``(output, loss_mask)``: on the last pipeline stage with labels the per-token loss
         [b, s] and its mask; without labels the logits [b, s, vocab/TP] (padding columns masked) and
@@ -171,10 +174,17 @@ class LlavaModel(MegatronModule):
         """
         if image_counts is None:
             image_counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
-        tokens = self.expand(input_ids, labels, image_counts, seq_length, pad_token_id, sample_ids)
+        tokens = self.expand(input_ids, labels, image_counts, seq_length, pad_token_id, sample_ids, segments)
         decoder_input = self.embed(tokens, images) if self.pre_process else None
-        output = self.language_model(input_ids=tokens.input_ids, position_ids=None, attention_mask=None,
-                                     decoder_input=decoder_input)
+        attention_mask, rotary = None, self.language_model.rotary_pos_emb
+        if tokens.segments is not None:
+            attention_mask = sample_attention_mask(tokens.segments)
+            rotary.positions = sample_positions(tokens.segments)
+        try:
+            output = self.language_model(input_ids=tokens.input_ids, position_ids=None,
+                                         attention_mask=attention_mask, decoder_input=decoder_input)
+        finally:
+            rotary.positions = None
         if not self.post_process:
             return output, None
         logits = self.mask_padded_vocab(output)

@@ -107,6 +107,13 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
                        help="default: micro-batch size x data-parallel size")
     batch.add_argument("--seq-length", type=POSITIVE, required=True,
                        help="decoder length, each image counted as its image tokens (model_max_length)")
+    batch.add_argument("--sequence-packing", action="store_true",
+                       help="pack each step's samples into rows of --seq-length positions, images expanded; "
+                            "samples never attend to each other (also data.json dataloader_param."
+                            "sequence_packing); turns on --calculate-per-token-loss")
+    batch.add_argument("--calculate-per-token-loss", action="store_true",
+                       help="normalise the loss by the trained tokens of the whole global batch (megatron-core); "
+                            "default: each micro-batch's mean, as original LLaVA")
     batch.add_argument("--train-iters", type=POSITIVE, default=None)
     batch.add_argument("--train-samples", type=POSITIVE, default=None)
     batch.add_argument("--num-workers", type=NON_NEGATIVE, default=2)

@@ -87,8 +87,12 @@ def _run_megatron_lm(args, model_config, data_config, providers, model_type):
 
     from mm_plugin.config.model import to_mindspeed_json
     from mm_plugin.data.errors import DataError
-    from mm_plugin.training.arguments import build_parser
+    from mm_plugin.training.arguments import ArgumentError, build_parser
 
+    if args.sequence_packing:
+        raise ArgumentError("sequence packing runs in mm_plugin's own loop: a packed step has as many micro-batches "
+                            "as its rows need, and Megatron-LM's pretrain() takes a fixed number; take Megatron-LM "
+                            "off PYTHONPATH, or turn packing off")
     ours = build_parser()
     has_validation = data_config.has_validation
 

@@ -107,11 +107,15 @@ def _wire_schedule(model: DistributedDataParallel, optimizer, args) -> None:
 
 
 def _reduce_losses(losses: list[dict]) -> torch.Tensor:
-    """This iteration's loss (micro-batch mean, data-parallel mean) on every rank."""
+    """This iteration's loss on every rank: the mean of the micro-batch means over the data-parallel ranks,
+    or with a per-token loss (entries of [sum, count]) the global batch's sum over its count."""
     value = torch.zeros(2, device=device.current())
     if parallel_state.is_pipeline_last_stage() and losses:
-        value[0] = sum(float(entry["lm loss"]) for entry in losses) / len(losses)
-        value[1] = 1.0
+        if losses[0]["lm loss"].numel() == 2:
+            value += sum(entry["lm loss"].to(value) for entry in losses)
+        else:
+            value[0] = sum(float(entry["lm loss"]) for entry in losses) / len(losses)
+            value[1] = 1.0
         torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
         value[0] /= value[1]
         value[1] = 1.0
@@ -132,9 +136,13 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     """Returns (loss, grad_norm or None, updated: bool)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
+    num_microbatches = args.num_microbatches
+    if args.sequence_packing:  # one item per step: this rank's packed micro-batches, as many as it needs
+        step = next(data_iterator)
+        data_iterator, num_microbatches = iter(step), len(step)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=[model],
-        num_microbatches=args.num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+        num_microbatches=num_microbatches, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
         decoder_seq_length=args.seq_length, forward_only=False)
     loss = _reduce_losses(losses)
     # fp16's loss scaler finds overflows itself (and must see them, to back off); bf16/fp32 have no such check.

@@ -38,7 +38,7 @@ class BatchStats:
     bad_counts: Optional[torch.Tensor] = None
 
     def add(self, batch: dict, positions: int) -> None:
-        self.samples += batch["input_ids"].shape[0]
+        self.samples += len(batch["sample_ids"])
         self.positions += positions
         self.images += int(batch["image_counts"].sum())
         counts = batch["bad_counts"].clone()
@@ -73,7 +73,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
             logger.info("%s: params_dtype %s in %s; this run computes in %s (--bf16/--fp16 decide)",
                         part_name, part.params_dtype, model_config.source, dtype)
         part.params_dtype = dtype
-    extra = {}
+    extra = {"calculate_per_token_loss": args.calculate_per_token_loss}
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                      recompute_num_layers=args.recompute_num_layers)
@@ -88,17 +88,27 @@ def expanded_length(batch: dict, tokens_per_image: int) -> int:
     return int((is_image.sum(dim=1) * (tokens_per_image - 1) + batch["input_ids"].shape[1]).max())
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean loss over the micro-batch's trained tokens (as original LLaVA: each micro-batch's mean;
-    megatron's schedule averages micro-batches, DDP averages data-parallel ranks)."""
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, per_token: bool = False):
+    """By default the mean loss over the micro-batch's trained tokens, as original LLaVA: each micro-batch's
+    mean, which megatron's schedule averages over micro-batches and DDP over data-parallel ranks, so a
+    token of a short micro-batch weighs more than one of a long micro-batch.
+
+    ``per_token`` (``--calculate-per-token-loss``, megatron-core's convention): the sum and the count of the
+    micro-batch's trained tokens; megatron-core adds them up over the global batch and divides the
+    gradients by the total, so every trained token of the global batch weighs the same, however the
+    samples are split into micro-batches, ranks or packed rows. The logged loss is the global ratio."""
     trained = loss_mask.sum()
-    loss = (output_tensor.float() * loss_mask).sum() / trained.clamp(min=1)
-    return loss, {"lm loss": loss.detach().clone(), "trained tokens": trained.detach().clone()}
+    total = (output_tensor.float() * loss_mask).sum()
+    if per_token:
+        return total, trained.int(), {"lm loss": torch.stack([total.detach(), trained.detach()])}
+    loss = total / trained.clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[int], pad_token_id: int,
-                 stats: BatchStats):
-    """Megatron's forward_step: read one micro-batch, run this stage; the loss function gets the mask."""
+                 stats: BatchStats, per_token_loss: bool = False):
+    """Megatron's forward_step: read one micro-batch (packed rows carry ``segments``), run this stage; the
+    loss function gets the mask."""
     batch = next(data_iterator)
     unwrapped = unwrap(model)
     positions = seq_length or expanded_length(batch, unwrapped.tokens_per_image)
@@ -110,17 +120,20 @@ def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[i
         batch["images"].to(target, non_blocking=True),
         batch["image_counts"].to(target),
         seq_length=seq_length, pad_token_id=pad_token_id, sample_ids=batch["sample_ids"],
+        segments=batch["segments"].to(target) if "segments" in batch else None,
     )
-    return output, functools.partial(loss_func, loss_mask)
+    return output, functools.partial(loss_func, loss_mask, per_token=per_token_loss)
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, tokenizer,
                                        model_config: LlavaConfig, args: argparse.Namespace,
                                        consumed_samples: int = 0):
     """Endless (train, valid, None) iterators of collated micro-batches for this data-parallel rank."""
-    from mm_plugin.data.loader import build_data_iterators
+    from mm_plugin.data.loader import PackedSteps, build_data_iterators
 
     vision = model_config.vision
+    packed = PackedSteps(args.num_microbatches, fixed_rows=args.pipeline_model_parallel_size > 1) \
+        if args.sequence_packing else None
     train, valid = build_data_iterators(
         data_config, tokenizer,
         micro_batch_size=args.micro_batch_size,
@@ -128,7 +141,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_confi
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         consumed_samples=consumed_samples, seed=args.seed, num_workers=args.num_workers,
         image_size=vision.image_size, patch_size=vision.patch_size,
-        model_max_length=args.seq_length, image_tokens=vision.num_image_tokens,
+        model_max_length=args.seq_length, image_tokens=vision.num_image_tokens, packed_steps=packed,
     )
     return train, valid, None
 
@@ -152,12 +165,19 @@ def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Pr
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise DataError(f"{args.mm_data}: the padding id {pad_token_id!r} (dataloader_param.collate_param."
                         f"pad_token_id, else the tokenizer's) is not a token of the model's {vocab}-row vocabulary")
+    if data_config.sequence_packing and not args.sequence_packing:
+        logger.info("%s: sequence_packing is on (dataloader_param)", args.mm_data)
+        args.sequence_packing = True
+    if args.sequence_packing and not args.calculate_per_token_loss:
+        logger.info("--sequence-packing: the loss is normalised per trained token over the global batch "
+                    "(--calculate-per-token-loss), so that packing changes no number")
+        args.calculate_per_token_loss = True
     stats = BatchStats()
     fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
     return Providers(
         model_provider=functools.partial(model_provider, model_config=model_config, args=args),
         forward_step=functools.partial(forward_step, seq_length=fixed_length, pad_token_id=pad_token_id,
-                                       stats=stats),
+                                       stats=stats, per_token_loss=args.calculate_per_token_loss),
         datasets_provider=functools.partial(train_valid_test_datasets_provider, data_config=data_config,
                                             tokenizer=tokenizer, model_config=model_config, args=args),
         stats=stats,
