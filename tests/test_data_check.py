@@ -49,3 +49,29 @@ def test_invalid_json_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{broken}: line 4, column 1" in err
+
+
+def test_an_instruct_mix_is_reported_per_image_folder(tmp_path, capsys):
+    """The real 665k mix misses a few hundred ocr_vqa images: the report says where, by reason."""
+    import shutil
+
+    from data_fixtures import synthetic
+
+    folder = tmp_path / "mix"
+    shutil.copytree(synthetic("instruct-mix", 300), folder)
+    records = json.loads((folder / "instruct-mix.json").read_text())
+    ocr = sorted({r["image"] for r in records if r.get("image", "").startswith("ocr_vqa/")})
+    for path in ocr[:3]:
+        (folder / "images" / path).unlink()
+    missing_records = sum(1 for r in records if r.get("image") in ocr[:3])
+    code = main(["check", "--config", str(folder / "data.json"), "--workers", "2", "--quiet",
+                 "--max-bad-fraction", "0.5", "--report", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0
+    by_folder = report["by_image_folder"]
+    assert by_folder["ocr_vqa/images"]["bad"] == {"missing_image": missing_records}
+    assert all(not entry["bad"] for name, entry in by_folder.items() if name != "ocr_vqa/images")
+    assert by_folder["(text-only)"]["records"] == sum(1 for r in records if "image" not in r)
+    assert sum(entry["records"] for entry in by_folder.values()) == len(records)
+    printed = capsys.readouterr().out
+    assert "by image folder:" in printed and f"missing_image {missing_records}" in printed

@@ -36,13 +36,17 @@ def test_order_depends_on_seed_and_epoch_only():
 
 
 @settings(max_examples=40, deadline=None)
-@given(steps=st.integers(0, 60), dp=st.integers(1, 4), mbs=st.integers(1, 5), grouped=st.booleans())
+@given(steps=st.integers(0, 60), dp=st.integers(1, 4), mbs=st.integers(1, 5),
+       grouped=st.sampled_from([None, "length", "modality"]))
 def test_resume_from_consumed_samples_is_exact(steps, dp, mbs, grouped):
     num = 97
-    lengths = np.random.default_rng(0).integers(1, 500, num) if grouped else None
+    rng = np.random.default_rng(0)
+    grouping = {} if grouped is None else {"lengths": rng.integers(1, 500, num)}
+    if grouped == "modality":
+        grouping["with_images"] = rng.random(num) < 0.8
     for rank in range(dp):
-        full = batches(sampler(num, mbs, rank, dp, seed=3, lengths=lengths), steps + 5)
-        resumed = batches(sampler(num, mbs, rank, dp, seed=3, lengths=lengths, consumed_samples=steps * mbs * dp), 5)
+        full = batches(sampler(num, mbs, rank, dp, seed=3, **grouping), steps + 5)
+        resumed = batches(sampler(num, mbs, rank, dp, seed=3, consumed_samples=steps * mbs * dp, **grouping), 5)
         assert resumed == full[steps:]
 
 
@@ -63,6 +67,27 @@ def test_length_grouping_keeps_the_epoch_and_reduces_padding():
         return (steps.max(1, keepdims=True) - steps).sum()
 
     assert padding(grouped.epoch_order(0)) < padding(plain.epoch_order(0)) / 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_modality_grouping_separates_image_and_text_batches_and_groups_lengths(seed):
+    """As original LLaVA's group_by_modality_length: every global micro-batch is all-image or all-text but
+    at most one per epoch, lengths are grouped within each modality, and the epoch is the same samples."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 1000, 1000)
+    with_images = rng.random(1000) < 0.9  # about the 665k mix's share of image samples
+    plain = sampler(1000, 4, 0, 2, seed=seed)
+    grouped = sampler(1000, 4, 0, 2, seed=seed, lengths=lengths, with_images=with_images)
+    for epoch in range(3):
+        order = grouped.epoch_order(epoch)
+        assert sorted(order.tolist()) == sorted(plain.epoch_order(epoch).tolist())
+        kinds = with_images[order].reshape(-1, 8)
+        assert (kinds.all(1) | ~kinds.any(1)).sum() >= len(kinds) - 1
+        steps = lengths[order].reshape(-1, 8)
+        spread = (steps.max(1) - steps.min(1)).mean()
+        random_steps = lengths[plain.epoch_order(epoch)].reshape(-1, 8)
+        assert spread < (random_steps.max(1) - random_steps.min(1)).mean() / 4
+    assert not np.array_equal(grouped.epoch_order(0), grouped.epoch_order(1))
 
 
 def test_bad_arguments():

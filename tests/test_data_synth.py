@@ -10,7 +10,7 @@ from PIL import Image
 
 from mm_plugin.data import build_datasets, load_data_config, load_tokenizer
 from mm_plugin.data.cli import main
-from mm_plugin.data.synthetic import COLOURS, POSITIONS, SHAPES
+from mm_plugin.data.synthetic import COLOURS, POSITIONS, SHAPES, named_in
 
 
 def digest(folder):
@@ -109,7 +109,46 @@ def test_text_kind_is_a_copy_task_spanning_an_image():
         assert 16 - 3 <= len(tokenizer(hint, add_special_tokens=False).input_ids) <= 16
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "instruct"])
+def test_instruct_mix_has_the_665k_mixs_layout_and_composition():
+    from mm_plugin.data.synthetic import MIX_SOURCES
+
+    folder = synthetic("instruct-mix", 2000)
+    records = json.loads((folder / "instruct-mix.json").read_text())
+    assert len(records) == 2000
+    text_only = [r for r in records if "image" not in r]
+    total = sum(source.thousands for source in MIX_SOURCES.values())
+    assert abs(len(text_only) / len(records) - MIX_SOURCES["sharegpt"].thousands / total) < 0.02
+    folders = {r["image"].rsplit("/", 1)[0] for r in records if "image" in r}
+    assert folders == {"coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K",
+                       "vg/VG_100K_2"}
+    coco = [r for r in records if r.get("image", "").startswith("coco/")]
+    assert abs(len(coco) / len(records) - 0.55) < 0.04  # LLaVA, VQAv2, OKVQA, A-OKVQA, RefCOCO: 364 of 664
+    assert all(r["id"] == r["image"][-16:-4] for r in coco)  # COCO ids, repeated across sources
+    assert len({r["id"] for r in coco}) < len(coco) / 2
+    firsts = [r["conversations"][0]["value"] for r in records if "image" in r]
+    assert all(v.count("<image>") == 1 and (v.startswith("<image>\n") or v.endswith("\n<image>")) for v in firsts)
+    assert any(v.startswith("<image>") for v in firsts) and any(v.endswith("<image>") for v in firsts)
+    rounds = [len(r["conversations"]) // 2 for r in records]
+    assert min(rounds) == 1 and max(rounds) == 10
+    answers = [len(turn["value"].split()) for r in records for turn in r["conversations"] if turn["from"] == "gpt"]
+    assert sum(a == 1 for a in answers) > len(answers) / 3 and max(answers) > 15  # one-word VQA and long answers
+    for record in records:
+        roles = [turn["from"] for turn in record["conversations"]]
+        assert roles == ["human", "gpt"] * (len(roles) // 2)
+        if "image" in record:
+            assert (folder / "images" / record["image"]).is_file()
+    # the same path is the same picture, whichever record names it: every answer about it names one colour
+    colours = {}
+    for r in coco:
+        for turn in r["conversations"]:
+            colour = named_in(turn["value"])["colour"] if turn["from"] == "gpt" else None
+            if colour:
+                colours.setdefault(r["image"], set()).add(colour)
+    assert all(len(named) == 1 for named in colours.values())
+    assert sum(1 for r in coco if r["image"] in colours) > len(colours)  # pictures were shared
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "instruct", "instruct-mix"])
 def test_check_passes_on_synthetic_sets(kind, tmp_path):
     folder = synthetic(kind, 64)
     assert main(["check", "--config", str(folder / "data.json"), "--workers", "1", "--quiet",

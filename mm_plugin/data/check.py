@@ -3,7 +3,9 @@
 Each record goes through exactly the checks of :meth:`LlavaDataset.load` (structure, template, path,
 tokenization and length, full image decode) without the pixel preprocessing. The report counts problems
 by reason (the names of ``BAD_REASONS``), lists the first records of each, gives image size and mode
-statistics and caption and sequence lengths in tokens, and says whether the set is fit to train.
+statistics and caption and sequence lengths in tokens, counts records and problems per image sub-folder (the
+sources of an instruction mix: ``coco/train2017``, ``ocr_vqa/images``, ...), and says whether the set is fit to
+train.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import posixpath
 from typing import Any, Optional
 
 import numpy as np
@@ -25,18 +28,40 @@ CHUNK = 256
 _dataset: Optional[LlavaDataset] = None  # set in the parent before forking the pool
 
 
+TEXT_ONLY = "(text-only)"
+UNREADABLE = "(unreadable record)"
+
+
+def _image_folder(position: int) -> str:
+    """The sub-folder of the record's first image, as the record names it (``coco/train2017``), or
+    ``TEXT_ONLY``: the mix's sources live in their own folders, and problems cluster by source."""
+    try:
+        raw = _dataset.index.record(int(_dataset.positions[position]))
+    except ValueError:
+        return UNREADABLE
+    image = raw.get("image") if isinstance(raw, dict) else None
+    first = image[0] if isinstance(image, list) and image else image
+    if not isinstance(first, str):
+        return TEXT_ONLY
+    return posixpath.dirname(first.replace("\\", "/")) or "."
+
+
 def _inspect_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
     start, stop = bounds
     bad: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
     counts: collections.Counter = collections.Counter()
+    folders: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     modes: collections.Counter = collections.Counter()
     widths, heights, targets, lengths = [], [], [], []
     truncated = 0
     for position in range(start, stop):
+        folder = folders[_image_folder(position)]
+        folder["records"] += 1
         try:
             found = _dataset.inspect(position)
         except BadSample as error:
             counts[error.reason] += 1
+            folder[error.reason] += 1
             if len(bad[error.reason]) < EXAMPLES_PER_REASON:
                 bad[error.reason].append((position, _dataset.describe_bad(position, error)))
             continue
@@ -49,7 +74,8 @@ def _inspect_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
             lengths.append(found.sequence_length)
         truncated += found.truncated
     return {"records": stop - start, "counts": counts, "examples": dict(bad), "modes": modes, "widths": widths,
-            "heights": heights, "targets": targets, "lengths": lengths, "truncated": truncated}
+            "heights": heights, "targets": targets, "lengths": lengths, "truncated": truncated,
+            "folders": dict(folders)}
 
 
 def _stats(values: list[int]) -> Optional[dict[str, float]]:
@@ -86,10 +112,13 @@ def check_dataset(dataset: LlavaDataset, *, workers: int = 1, max_bad_fraction: 
     counts: collections.Counter = collections.Counter()
     modes: collections.Counter = collections.Counter()
     examples: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+    folders: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     widths, heights, targets, lengths = [], [], [], []
     truncated = 0
     for part in parts:
         counts.update(part["counts"])
+        for folder, found in part["folders"].items():
+            folders[folder].update(found)
         modes.update(part["modes"])
         for reason, found in part["examples"].items():
             examples[reason].extend(found)
@@ -125,6 +154,9 @@ def check_dataset(dataset: LlavaDataset, *, workers: int = 1, max_bad_fraction: 
         "bad_fraction": round(fraction, 6),
         "max_bad_fraction": max_bad_fraction,
         "bad_by_reason": by_reason,
+        "by_image_folder": {folder: {"records": found["records"],
+                                     "bad": {reason: found[reason] for reason in BAD_REASONS if found[reason]}}
+                            for folder, found in sorted(folders.items())},
         "images": {"count": len(widths), "width": _stats(widths), "height": _stats(heights), "modes": dict(modes)},
         "caption_tokens": _stats(targets),
         "sequence_tokens": _stats(lengths),
@@ -145,6 +177,13 @@ def format_report(report: dict[str, Any]) -> str:
     for reason, entry in report["bad_by_reason"].items():
         lines.append(f"  {reason}: {entry['count']}  -> {entry['what_to_do']}")
         lines += [f"      {message}" for message in entry["first"][:3]]
+
+    if len(report["by_image_folder"]) > 1:
+        lines.append("by image folder:")
+        width = max(len(folder) for folder in report["by_image_folder"])
+        for folder, entry in report["by_image_folder"].items():
+            bad = ", ".join(f"{reason} {count}" for reason, count in entry["bad"].items()) or "none bad"
+            lines.append(f"  {folder:<{width}}  {entry['records']:>8} records  {bad}")
 
     def stats_line(name: str, stats: Optional[dict[str, float]]) -> str:
         if stats is None:

@@ -1,6 +1,6 @@
 """``mm-data``: synthesize a data set, check one, prebuild its index, or show what a sample trains on.
 
-    mm-data synth --out DIR --num N [--kind pretrain|instruct|text] [--seed S] [--image-size PX]
+    mm-data synth --out DIR --num N [--kind pretrain|instruct|instruct-mix|text] [--seed S] [--image-size PX]
     mm-data check --data-path JSON --data-folder DIR [--workers N] [--tokenizer DIR] [--template plain]
     mm-data check --config data.json [--workers N]
     mm-data index --data-path JSON [--cache-dir DIR]
@@ -105,13 +105,16 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .synthetic import KINDS
+
     parser = argparse.ArgumentParser(prog="mm-data", description="LLaVA data sets: synthesize, check, index, show.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", help="write a learnable synthetic data set in LLaVA's layout")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--num", type=int, required=True, help="number of records")
-    synth.add_argument("--kind", choices=("pretrain", "instruct", "text"), default="pretrain")
+    synth.add_argument("--kind", choices=KINDS, default="pretrain",
+                       help="instruct-mix: the layout of llava_v1_5_mix665k.json (sub-folders, text-only records)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=336, help="the vision model's input size (crop size)")
     synth.add_argument("--patch-size", type=int, default=14, help="its patch size (sets the text kind's hint length)")

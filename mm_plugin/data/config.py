@@ -18,7 +18,8 @@ paths. Its layout, with the fields this package reads (everything else it accept
       mm_use_im_start_end:   false                             (+ max_bad_fraction)
     dataloader_param:
       shuffle, drop_last, pin_memory, collate_param.pad_token_id,
-      collate_param.model_max_length (optional)                (+ group_by_length, sequence_packing)
+      collate_param.model_max_length (optional)                (+ group_by_length, group_by_modality_length,
+                                                                   sequence_packing)
 
 Fields marked ``+`` are this package's additions. Relative paths are taken relative to the folder of
 the ``data.json`` that names them, so a data set folder can be moved as a whole.
@@ -135,6 +136,9 @@ class DataConfig:
     """Padding id of ``input_ids``; default the tokenizer's pad token, else its unk token (as LLaVA)."""
     group_by_length: bool = False
     """Batch records of similar length together (less padding); still exact on resume."""
+    group_by_modality_length: bool = False
+    """Original LLaVA's option: samples with and without images in separate micro-batches, each grouped by
+    length; still exact on resume."""
     sequence_packing: bool = False
     """Pack each step's samples into rows of the sequence length (``data.packing``; ``--sequence-packing``)."""
     max_bad_fraction: float = 0.01
@@ -248,7 +252,8 @@ def _load_data_config(path: Path) -> DataConfig:
     tokenizer = _section(dataset, "tokenizer_config", where, {"from_pretrained", "model_max_length", "padding_side"},
                          required=False)
     loader = _section(raw, "dataloader_param", where, {"shuffle", "drop_last", "pin_memory", "collate_param",
-                                                       "group_by_length", "sequence_packing"}, required=False)
+                                                       "group_by_length", "group_by_modality_length",
+                                                       "sequence_packing"}, required=False)
     collate = _section(loader, "collate_param", where, {"pad_token_id", "model_max_length"}, required=False)
 
     reader = preprocess.get("image_reader_type", "CLIPImageProcessor")
@@ -278,6 +283,7 @@ def _load_data_config(path: Path) -> DataConfig:
             pin_memory=bool(loader.get("pin_memory", True)),
             pad_token_id=collate.get("pad_token_id"),
             group_by_length=bool(loader.get("group_by_length", False)),
+            group_by_modality_length=bool(loader.get("group_by_modality_length", False)),
             sequence_packing=bool(loader.get("sequence_packing", False)),
             max_bad_fraction=float(dataset.get("max_bad_fraction", 0.01)),
             index_cache_dir=_resolve(basic.get("index_cache_dir"), base),

@@ -80,6 +80,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         records = self.positions
         return self.index.word_counts[records].astype(np.int64) + self.index.image_counts[records] * self.image_tokens
 
+    def with_images(self) -> np.ndarray:
+        """Whether each sample's record names an image, for grouping by modality."""
+        return self.index.image_counts[self.positions] > 0
+
     # -- one record, no replacement -------------------------------------------------------------------
 
     def _record(self, position: int) -> tuple[Record, list[str]]:

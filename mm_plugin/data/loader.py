@@ -195,8 +195,10 @@ def build_data_iterators(
 
     rank = dict(micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
                 data_parallel_size=data_parallel_size)
+    grouped = config.group_by_length or config.group_by_modality_length
     order = dict(consumed_samples=consumed_samples, seed=seed, shuffle=config.shuffle, drop_last=config.drop_last,
-                 lengths=train.lengths() if config.group_by_length else None, **rank)
+                 lengths=train.lengths() if grouped else None,
+                 with_images=train.with_images() if config.group_by_modality_length else None, **rank)
     valid_iterator = None
     if valid is not None:
         valid_iterator = iterator(valid, TrainingSampler(len(valid), shuffle=False, drop_last=False, **rank))

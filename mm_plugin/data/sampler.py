@@ -1,4 +1,5 @@
-"""Which samples each data-parallel rank reads, in which order: deterministic, resumable, optionally grouped by length.
+"""Which samples each data-parallel rank reads, in which order: deterministic, resumable, optionally grouped by
+length, or by modality and length.
 
 Every step consumes one global micro-batch of ``micro_batch_size * data_parallel_size`` samples from the
 epoch's order; rank ``r`` takes the ``r``-th slice of it (as Megatron's pretraining samplers do). The
@@ -34,8 +35,10 @@ class TrainingSampler:
         shuffle: bool = True,
         drop_last: bool = True,
         lengths: Optional[np.ndarray] = None,
+        with_images: Optional[np.ndarray] = None,
     ):
-        """``lengths`` (one per sample) turns on length grouping; ``consumed_samples`` counts all ranks."""
+        """``lengths`` (one per sample) turns on length grouping, ``with_images`` too (one bool per sample) on
+        grouping by modality and length; ``consumed_samples`` counts all ranks."""
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data_parallel_rank {data_parallel_rank} not in [0, {data_parallel_size})")
         self.num_samples = num_samples
@@ -47,6 +50,9 @@ class TrainingSampler:
         self.lengths = None if lengths is None else np.asarray(lengths)
         if self.lengths is not None and len(self.lengths) != num_samples:
             raise ValueError(f"{len(self.lengths)} lengths for {num_samples} samples")
+        self.with_images = None if with_images is None else np.asarray(with_images, dtype=bool)
+        if self.with_images is not None and (self.lengths is None or len(self.with_images) != num_samples):
+            raise ValueError("grouping by modality needs one length and one with_images flag per sample")
         if drop_last:
             self.samples_per_epoch = num_samples // self.global_batch * self.global_batch
         else:
@@ -69,9 +75,31 @@ class TrainingSampler:
             order = np.arange(self.num_samples)
         # drop_last cuts the tail; otherwise the last global batch is filled from the epoch's start.
         order = np.resize(order, self.samples_per_epoch)
-        if self.lengths is not None:
+        if self.with_images is not None:
+            order = self._group_by_modality_length(order, np.random.default_rng([self.seed, epoch, 2]))
+        elif self.lengths is not None:
             order = self._group_by_length(order, np.random.default_rng([self.seed, epoch, 1]))
         return order
+
+    def _group_by_modality_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Original LLaVA's ``group_by_modality_length``: samples with images and text-only samples in
+        separate global micro-batches, each modality grouped by length (``_group_by_length``); what is left
+        of the two fills mixed micro-batches (at most one, the epoch being whole micro-batches); then the
+        micro-batches of both are shuffled together.
+
+        A micro-batch then runs the vision tower for all its samples or for none, and pads little."""
+        batches, rest = [], []
+        for modality in (True, False):
+            part = order[self.with_images[order] == modality]
+            whole = len(part) // self.global_batch * self.global_batch
+            if whole:
+                batches.append(self._group_by_length(part[:whole], rng).reshape(-1, self.global_batch))
+            rest.append(part[whole:])
+        mixed = np.concatenate(rest)
+        if len(mixed):
+            batches.append(mixed.reshape(-1, self.global_batch))
+        batches = np.concatenate(batches)
+        return batches[rng.permutation(len(batches))].reshape(-1)
 
     def _group_by_length(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Sort windows of ``LENGTH_GROUP_STEPS`` steps by length, keep each step's samples together, shuffle steps.

@@ -11,6 +11,12 @@ Three kinds, in exactly the layouts of the real data sets:
   human prompt with ``<image>`` and the caption; template ``llava-plain``.
 * ``instruct``: LLaVA-Instruct-style multi-turn questions about colour, shape and position, plus
   text-only conversations (no ``image`` key); template ``vicuna_v1``.
+* ``instruct-mix``: the layout of ``llava_v1_5_mix665k.json`` (``DIR/instruct-mix.json``): its ten sources in
+  the shares the LLaVA-1.5 paper gives (``MIX_SOURCES``), images under the released sub-folders
+  (``coco/train2017/000000033471.jpg``, ``gqa/images/…``, ``ocr_vqa/images/…``, ``textvqa/train_images/…``,
+  ``vg/VG_100K/…``, ``vg/VG_100K_2/…``, relative to ``DIR/images``), COCO images and ids shared by several
+  sources, text-only ShareGPT conversations, one to ten rounds, one-word VQA answers next to long
+  conversational ones, the image tag before or after the first question; template ``vicuna_v1``.
 * ``text``: the copy task for LM pre-training (template ``lm``): the human turn is the caption's content
   words, shuffled and repeated to about the length of an image's token span, the answer is the caption.
   A small LM trained on it learns to copy from its context, which is what stage 1 then needs.
@@ -32,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,8 +75,8 @@ PRETRAIN_PROMPTS = (
     "<image>\nWhat is in the picture?",
     "Write a terse caption for the image.\n<image>",
 )
-KINDS = ("pretrain", "instruct", "text")
-TEMPLATE_OF_KIND = {"pretrain": "llava-plain", "instruct": "vicuna_v1", "text": "lm"}
+KINDS = ("pretrain", "instruct", "instruct-mix", "text")
+TEMPLATE_OF_KIND = {"pretrain": "llava-plain", "instruct": "vicuna_v1", "instruct-mix": "vicuna_v1", "text": "lm"}
 IMAGES_PER_FOLDER = 1000
 TOKENIZER_VOCAB_SIZE = 768
 
@@ -193,6 +200,88 @@ def _instruct_record(index: int, scene: Scene, rng: np.random.Generator) -> dict
     return {"id": f"{index:09d}", "image": _image_name(index), "conversations": _turns(pairs)}
 
 
+@dataclasses.dataclass(frozen=True)
+class MixSource:
+    thousands: int
+    """Records of this source in llava_v1_5_mix665k (LLaVA-1.5 paper, Table 7)."""
+    folder: Optional[str]
+    """Image sub-folder as released (None: text-only)."""
+    max_rounds: int
+    """Question-answer rounds per record: 1 to this."""
+    answers: str
+    """``word`` (VQA: "Answer the question using a single word or phrase."), ``sentence`` or ``long``."""
+
+
+MIX_SOURCES = {
+    "llava_instruct": MixSource(158, "coco/train2017", 6, "long"),
+    "sharegpt": MixSource(40, None, 5, "long"),
+    "vqav2": MixSource(83, "coco/train2017", 10, "word"),
+    "gqa": MixSource(72, "gqa/images", 10, "word"),
+    "okvqa": MixSource(9, "coco/train2017", 1, "word"),
+    "ocrvqa": MixSource(80, "ocr_vqa/images", 8, "word"),
+    "aokvqa": MixSource(66, "coco/train2017", 1, "sentence"),
+    "textcaps": MixSource(22, "textvqa/train_images", 1, "sentence"),
+    "refcoco": MixSource(48, "coco/train2017", 8, "sentence"),
+    "vg": MixSource(86, "vg/VG_100K", 8, "sentence"),
+}
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+COCO_RECORDS_PER_IMAGE = 3
+"""COCO pictures serve several sources (LLaVA-Instruct, VQAv2, OKVQA, A-OKVQA, RefCOCO): ids repeat."""
+
+
+def _mix_image(source: MixSource, rng: np.random.Generator, coco_images: int) -> tuple[str, str]:
+    """(image path as released, record id) for a record of ``source``."""
+    if source.folder == "coco/train2017":
+        number = int(rng.integers(coco_images))
+        return f"{source.folder}/{number:012d}.jpg", f"{number:012d}"
+    if source.folder == "textvqa/train_images":
+        name = "".join(rng.choice(list("0123456789abcdef"), 16))
+        return f"{source.folder}/{name}.jpg", name
+    number = int(rng.integers(10**6, 10**7))
+    folder = source.folder
+    if folder == "vg/VG_100K" and rng.random() < 0.4:
+        folder = "vg/VG_100K_2"
+    return f"{folder}/{number}.jpg", str(number)
+
+
+def _mix_answer(scene: Scene, question: int, style: str, rng: np.random.Generator) -> str:
+    word = (scene.colour, scene.shape, scene.position)[question % 3]
+    if style == "word":
+        return word
+    if style == "sentence":
+        return _questions(scene)[question % 4][1]
+    sentences = [answer for _, answer in _questions(scene)]  # the tokenizer's corpus: no byte-level pieces
+    return " ".join(sentences[k] for k in sorted(rng.permutation(len(sentences))[: int(rng.integers(2, 5))]))
+
+
+def _mix_record(index: int, seed: int, coco_images: int) -> tuple[dict[str, Any], Optional[int]]:
+    """One record of the instruct mix and the number that draws its picture (None: text-only)."""
+    rng = np.random.default_rng([seed, index])
+    names = list(MIX_SOURCES)
+    shares = np.array([MIX_SOURCES[name].thousands for name in names], dtype=np.float64)
+    source = MIX_SOURCES[names[int(rng.choice(len(names), p=shares / shares.sum()))]]
+    rounds = int(rng.integers(1, source.max_rounds + 1))
+    if source.folder is None:  # ShareGPT: text-only, long answers, ids like "i6IyJda_0"
+        scenes = [_scene(rng) for _ in range(rounds)]
+        pairs = [(f"Repeat after me: {scene.caption}", _mix_answer(scene, 0, "long", rng)) for scene in scenes]
+        rid = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"), 7))
+        return {"id": f"{rid}_{int(rng.integers(4))}", "conversations": _turns(pairs)}, None
+    path, rid = _mix_image(source, rng, coco_images)
+    picture = zlib.crc32(path.encode())  # the same path is the same picture, whichever record names it
+    scene = _scene(np.random.default_rng([seed, picture]))
+    questions = [question for question, _ in _questions(scene)]
+    pairs = []
+    for round_index in range(rounds):
+        asked = int(rng.integers(len(questions)))
+        question = questions[asked]
+        if source.answers == "word":
+            question = f"{question}\n{SHORT_ANSWER_PROMPT}"
+        pairs.append((question, _mix_answer(scene, asked, source.answers, rng)))
+    first, answer = pairs[0]
+    pairs[0] = (f"<image>\n{first}" if rng.random() < 0.6 else f"{first}\n<image>", answer)
+    return {"id": rid, "image": path, "conversations": _turns(pairs)}, picture
+
+
 def _text_record(index: int, scene: Scene, rng: np.random.Generator, hint_tokens: int,
                  word_tokens: dict[str, int]) -> dict[str, Any]:
     hint: list[str] = []
@@ -272,26 +361,26 @@ def _word_tokens(tokenizer_dir: Path) -> dict[str, int]:
 
 # -- writing -----------------------------------------------------------------------------------------------
 
-def _draw_and_save(job: tuple[str, int, int, int]) -> None:
-    folder, seed, index, image_size = job
+def _draw_and_save(job: tuple[str, int, int, int, str]) -> None:
+    folder, seed, index, image_size, name = job
     rng = np.random.default_rng([seed, index])
     scene = _scene(rng)
     image = draw_scene(scene, np.random.default_rng([seed, index, 1]), image_size)
-    path = os.path.join(folder, _image_name(index))
-    image.save(path, format="JPEG", quality=95)
+    image.save(os.path.join(folder, name), format="JPEG", quality=95)
 
 
-def _write_images(out: Path, seed: int, indices: list[int], image_size: int, workers: int) -> None:
+def _write_images(out: Path, seed: int, pictures: dict[str, int], image_size: int, workers: int) -> None:
     """Draw every image into a hidden folder, then swap it in as ``out/images`` in one rename.
 
+    ``pictures``: image path (relative to ``out/images``) -> the number its scene is drawn from.
     Thousands of small files are not fsync'ed one by one (that would take longer than drawing them); the
     folder only gets its final name once every image in it is complete.
     """
     staging = Path(tempfile.mkdtemp(prefix=".images.", suffix=".partial", dir=out))
     try:
-        for folder in sorted({index // IMAGES_PER_FOLDER for index in indices}):
-            (staging / f"{folder:05d}").mkdir()
-        jobs = [(str(staging), seed, index, image_size) for index in indices]
+        for folder in sorted({os.path.dirname(name) for name in pictures}):
+            (staging / folder).mkdir(parents=True, exist_ok=True)
+        jobs = [(str(staging), seed, picture, image_size, name) for name, picture in pictures.items()]
         progress = dict(total=len(jobs), desc="images", unit="img", leave=False, disable=len(jobs) < 500)
         if workers > 1 and len(jobs) >= 200:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -311,6 +400,11 @@ def _write_images(out: Path, seed: int, indices: list[int], image_size: int, wor
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _coco_share() -> float:
+    total = sum(source.thousands for source in MIX_SOURCES.values())
+    return sum(source.thousands for source in MIX_SOURCES.values() if source.folder == "coco/train2017") / total
 
 
 def synthesize(
@@ -337,7 +431,7 @@ def synthesize(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     image_tokens = (image_size // patch_size) ** 2
-    model_max_length = image_tokens + 256
+    model_max_length = image_tokens + (512 if kind == "instruct-mix" else 256)  # multi-round: longer
 
     tokenizer_dir = out / "tokenizer"
     if tokenizer is not None:
@@ -351,8 +445,15 @@ def synthesize(
         train_tokenizer(tokenizer_dir, model_max_length)
 
     word_tokens = _word_tokens(tokenizer_dir) if kind == "text" else {}
-    records = []
+    records, pictures = [], {}
+    coco_images = max(1, round(num * _coco_share() / COCO_RECORDS_PER_IMAGE))
     for index in range(num):
+        if kind == "instruct-mix":
+            record, picture = _mix_record(index, seed, coco_images)
+            records.append(record)
+            if picture is not None:
+                pictures[record["image"]] = picture
+            continue
         rng = np.random.default_rng([seed, index])
         scene = _scene(rng)
         if kind == "pretrain":
@@ -361,9 +462,10 @@ def synthesize(
             records.append(_instruct_record(index, scene, rng))
         else:
             records.append(_text_record(index, scene, rng, image_tokens, word_tokens))
-    with_images = [index for index, record in enumerate(records) if "image" in record]
-    if with_images:
-        _write_images(out, seed, with_images, image_size, workers or min(os.cpu_count() or 1, 8))
+        if "image" in records[-1]:
+            pictures[records[-1]["image"]] = index
+    if pictures:
+        _write_images(out, seed, pictures, image_size, workers or min(os.cpu_count() or 1, 8))
 
     data_name = f"{kind}.json"
     write_text(out / data_name, json.dumps(records, indent=1) + "\n")
