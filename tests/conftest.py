@@ -54,3 +54,28 @@ def demo_run(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (out / "demo.log").write_text(result.stdout)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_stage2_run(demo_run, tmp_path_factory):
+    """``bash examples/llava1.5/finetune_llava1_5.sh --demo`` run once after the stage-1 demo, in a copy of its
+    folder (so that the stage-1 demo's folder stays as the stage-1 tests expect it); that folder."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from process_pool import free_port
+    from seeds import OFFSET
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("demo2") / "demo_out"
+    shutil.copytree(demo_run, out)
+    python = Path(sys.executable)
+    env = dict(os.environ, DEMO_DIR=str(out), DEMO_SEED=str(OFFSET), PYTHON=str(python), MASTER_PORT=str(free_port()),
+               PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(["bash", "examples/llava1.5/finetune_llava1_5.sh", "--demo"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / "demo_stage2.log").write_text(result.stdout + result.stderr)
+    return out

@@ -38,3 +38,27 @@ def test_stage1_saved_only_the_projector(megatron_single, demo_run):
     part = load_state(demo_run / "weights" / "converted_vicuna.pt")
     for key, value in part.items():
         assert torch.equal(lm_run["language_model." + key], value), key
+
+
+def test_stage2_answers_questions_from_the_images(demo_stage2_run):
+    report = json.loads((demo_stage2_run / "evaluation_stage2.json").read_text())
+    matched = report["exact_match"]
+    # Exact-match answers to held-out first questions (colour, shape, position, description): with the right
+    # image the model must read it; with another sample's, or none, it can only guess.
+    assert matched["right_image"] >= 0.75, matched
+    assert matched["another_image"] <= 0.4 and matched["no_image"] <= 0.4, matched
+    log = (demo_stage2_run / "demo_stage2.log").read_text()
+    assert "--sequence-packing" in log and "exact match" in log
+
+
+def test_stage2_trained_the_language_model_and_projector_from_stage1(megatron_single, demo_stage2_run):
+    from mm_plugin.safe_io import load_state
+    from mm_plugin.training.checkpointing import read_model_tensors
+
+    stage1 = read_model_tensors(demo_stage2_run / "checkpoints" / "stage1")
+    stage2 = read_model_tensors(demo_stage2_run / "checkpoints" / "stage2")
+    assert {name.split(".")[0] for name in stage2} == {"vision_projection", "language_model"}
+    part = load_state(demo_stage2_run / "weights" / "converted_vicuna.pt")
+    for name, value in stage1.items():  # it started from stage 1's projector and moved on
+        assert not torch.equal(stage2[name], value), name
+    assert any(not torch.equal(stage2["language_model." + key], value) for key, value in part.items())

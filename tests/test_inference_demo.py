@@ -60,3 +60,18 @@ def test_without_the_demo_output_the_script_says_which_command_makes_it(tmp_path
                             env=_environment(tmp_path / "nothing"), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "run `bash examples/llava1.5/pretrain_llava1_5.sh --demo` first" in result.stderr
+
+
+def test_after_stage2_the_script_chats_with_the_stage2_model(demo_stage2_run):
+    result = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--max-new-tokens", "12"],
+                            cwd=REPO, env=_environment(demo_stage2_run), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = re.findall(r"^A: (.*)$", result.stdout, flags=re.MULTILINE)
+    references = re.findall(r"^   \(reference: (.*)\)$", result.stdout, flags=re.MULTILINE)
+    assert len(answers) == len(references) == 8
+    assert sum(a.strip() == r.strip() for a, r in zip(answers, references)) >= 5, result.stdout
+    assert "Q: " in result.stdout  # the held-out questions, asked in the vicuna_v1 template
+    staged = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--demo-stage", "1",
+                             "--max-new-tokens", "12"], cwd=REPO, env=_environment(demo_stage2_run),
+                            capture_output=True, text=True, timeout=600)
+    assert staged.returncode == 0 and "Q: " not in staged.stdout, staged.stdout[-2000:]

@@ -3,6 +3,7 @@
     mm-infer --mm-model examples/llava1.5/inference_llava.json
     mm-infer --hf-dir llava-1.5-7b-hf --image view.jpg --prompt "What is in the picture?"
     mm-infer --demo                       # after `bash examples/llava1.5/pretrain_llava1_5.sh --demo`
+                                          # (or finetune_llava1_5.sh --demo: the stage-2 model, vicuna_v1)
     torchrun --nproc-per-node 2 launch/inference.py --mm-model inference_llava.json --tensor-model-parallel-size 2
 
 Queries come from the JSON's ``image_path``/``prompts``, or from ``--image``/``--prompt`` (each repeatable,
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--mm-model", "--config", dest="config", help="inference JSON (MindSpeed-MM's inference_llava.json)")
     source.add_argument("--hf-dir", help="a Hugging Face llava-1.5-7b-hf style directory (converted on first use)")
     source.add_argument("--demo", nargs="?", const=DEMO_DIR, metavar="DIR",
-                        help=f"the demo pretraining's output (default {DEMO_DIR}): held-out synthetic images")
+                        help=f"the demos' output (default {DEMO_DIR}): held-out synthetic images, captioned by the "
+                             "stage-1 model or questioned (vicuna_v1) by the stage-2 model")
+    source.add_argument("--demo-stage", type=int, choices=(1, 2), default=None,
+                        help="which demo model --demo uses (default: stage 2 when finetune_llava1_5.sh --demo has run)")
     query = parser.add_argument_group("queries (default: the JSON's image_path and prompts)")
     query.add_argument("--image", action="append", help="image path(s) of one query, comma-separated; repeatable")
     query.add_argument("--prompt", action="append", help="a question; repeatable")
@@ -118,7 +122,8 @@ def _setup(args):
     if args.hf_dir:
         pipe, work = LlavaPipeline.from_pretrained(args.hf_dir, **run), []
     else:
-        config = load_inference_config(args.config) if args.config else demo_config(Path(args.demo))
+        config = load_inference_config(args.config) if args.config else demo_config(Path(args.demo),
+                                                                                    stage=args.demo_stage)
         pipe, work = LlavaPipeline.from_config(config, **run), config.queries
     if args.prompt:
         images = [entry.split(",") for entry in args.image] if args.image else None

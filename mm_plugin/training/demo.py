@@ -13,6 +13,14 @@
                        right images, with the images shuffled among samples, and of the language model alone;
                        how often held-out captions name the right colour, shape and position (evaluation.json)
 
+``bash examples/llava1.5/finetune_llava1_5.sh --demo`` goes on to stage 2:
+
+    prepare-stage2 OUT synthetic instruction data about the same kind of pictures (questions on colour, shape and
+                       position, several rounds, a fifth text-only), train and held-out, with stage 1's tokenizer;
+                       OUT/model_stage2.json (language model and projector train)
+    evaluate-stage2 OUT exact-match answers to held-out first questions with the right image, another sample's
+                       image and no image (evaluation_stage2.json)
+
 Both frozen parts first learn what a real LLaVA's parts bring: the vision tower to see the pictures
 (demo_vision.py), the language model language *and in-context copying* from the text-only run (captions
 after a hint made of their words). A model trained on bare captions cannot learn to use the image: its
@@ -34,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZE, PATCH_SIZE = 56, 14
 TRAIN_RECORDS, HELDOUT_RECORDS, TEXT_RECORDS = 4000, 256, 6000
+INSTRUCT_RECORDS, INSTRUCT_HELDOUT_RECORDS = 4000, 256
 SEQ_LENGTH = 64
+STAGE2_SEQ_LENGTH = 256
+"""Stage 2's packed rows: the vicuna_v1 frame makes a sample 60 to 200 positions long."""
 
 
 def _vision_config() -> dict:
@@ -43,18 +54,23 @@ def _vision_config() -> dict:
             "freeze": True, "ckpt_path": "weights/converted_clip.pt"}
 
 
-def model_json(vocab_size: int, *, language_ckpt: Optional[str], train_language: bool) -> dict:
-    """A tiny LLaVA in MindSpeed-MM's model.json layout (paths relative to the file)."""
+def model_json(vocab_size: int, *, language_ckpt: Optional[str], train_language: bool,
+               train_projector: Optional[bool] = None, max_sequence_length: int = 128) -> dict:
+    """A tiny LLaVA in MindSpeed-MM's model.json layout (paths relative to the file); the projector trains
+    when the language model does not, unless ``train_projector`` says."""
+    if train_projector is None:
+        train_projector = not train_language
     return {
         "model_id": "llava",
         "text_decoder": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
                          "ffn_hidden_size": 160, "language_vocab_size": vocab_size,
-                         "language_max_sequence_length": 128, "layernorm_epsilon": 1e-6, "params_dtype": "fp32",
+                         "language_max_sequence_length": max_sequence_length, "layernorm_epsilon": 1e-6,
+                         "params_dtype": "fp32",
                          "freeze": not train_language, "ckpt_path": language_ckpt},
         "image_encoder": {
             "vision_encoder": _vision_config(),
             "vision_projector": {"model_id": "mlp", "input_size": 64, "hidden_size": 64, "ffn_hidden_size": 64,
-                                 "params_dtype": "fp32", "freeze": train_language, "ckpt_path": None},
+                                 "params_dtype": "fp32", "freeze": not train_projector, "ckpt_path": None},
         },
         "text_encoder": None, "video_encoder": None,
     }
@@ -105,6 +121,24 @@ def prepare(out: Path, seed: int = 0) -> None:
           f"model_lm.json, model.json (vocabulary {vocab})")
 
 
+def prepare_stage2(out: Path, seed: int = 0) -> None:
+    """Instruction data (train and held-out) with stage 1's tokenizer, and OUT/model_stage2.json."""
+    from mm_plugin.data.tokenization import load_tokenizer
+    from mm_plugin.safe_io import write_text
+
+    tokenizer = out / "data" / "train" / "tokenizer"
+    if not (out / "checkpoints" / "stage1").is_dir() or not tokenizer.is_dir():
+        raise SystemExit(f"{out} holds no stage-1 demo: run `bash examples/llava1.5/pretrain_llava1_5.sh --demo` first")
+    _synth(out / "data" / "instruct", "instruct", INSTRUCT_RECORDS, seed=1000 + 2 * seed, tokenizer=tokenizer)
+    _synth(out / "data" / "instruct_heldout", "instruct", INSTRUCT_HELDOUT_RECORDS, seed=1001 + 2 * seed,
+           tokenizer=tokenizer)
+    vocab = len(load_tokenizer(tokenizer))
+    write_text(out / "model_stage2.json", json.dumps(
+        model_json(vocab, language_ckpt="weights/converted_vicuna.pt", train_language=True, train_projector=True,
+                   max_sequence_length=STAGE2_SEQ_LENGTH), indent=2) + "\n")
+    print(f"stage-2 inputs ready in {out}: data/{{instruct,instruct_heldout}}, model_stage2.json")
+
+
 def export_language_model(checkpoint: Path, output: Path) -> None:
     """The trained decoder of a training checkpoint as a TP=1 part file (what `mm-convert llm` writes)."""
     from mm_plugin.parallel.world import join_world, set_model_parallel
@@ -136,16 +170,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     export.add_argument("checkpoint", type=Path)
     export.add_argument("output", type=Path)
     commands.add_parser("evaluate").add_argument("out", type=Path)
+    stage2 = commands.add_parser("prepare-stage2")
+    stage2.add_argument("out", type=Path)
+    stage2.add_argument("--seed", type=int, default=0, help="varies the instruction data")
+    commands.add_parser("evaluate-stage2").add_argument("out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.command == "prepare":
         prepare(args.out, args.seed)
     elif args.command == "export-lm":
         export_language_model(args.checkpoint, args.output)
-    else:
+    elif args.command == "prepare-stage2":
+        prepare_stage2(args.out, args.seed)
+    elif args.command == "evaluate":
         from mm_plugin.training.demo_evaluation import evaluate
 
         evaluate(args.out)
+    else:
+        from mm_plugin.training.demo_evaluation import evaluate_stage2
+
+        evaluate_stage2(args.out)
     return 0
 
 

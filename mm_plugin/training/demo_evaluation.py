@@ -116,3 +116,33 @@ def evaluate(out: str | Path) -> dict:
     report = {"losses": losses, "named": named, "examples": list(zip(held_out["references"], held_out["answers"]))[:8]}
     write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def exact_match(answers: list[str], references: list[str]) -> float:
+    """Share of answers that are their reference, word for word (surrounding space ignored)."""
+    return sum(answer.strip() == reference.strip() for answer, reference in zip(answers, references)) / len(answers)
+
+
+def evaluate_stage2(out: str | Path) -> dict:
+    """Did stage 2 learn to answer from the picture? Exact-match answers to held-out first questions with the
+    right image, another sample's and none; printed and written to ``OUT/evaluation_stage2.json``."""
+    from mm_plugin.inference.demo import held_out_chat
+    from mm_plugin.parallel.world import join_world, set_model_parallel
+    from mm_plugin.safe_io import write_text
+
+    out = Path(out)
+    join_world()
+    set_model_parallel(1, 1)
+    chat = held_out_chat(out)
+    references = chat["references"]
+    conditions = {"right_image": chat["answers"], "another_image": chat["answers_images_shuffled"],
+                  "no_image": chat["answers_without_image"]}
+    matched = {name: exact_match(answers, references) for name, answers in conditions.items()}
+    print(f"held-out first questions answered ({len(references)}), vicuna_v1 template, greedy:")
+    for name, share in matched.items():
+        print(f"  {name.replace('_', ' '):<14} exact match {100 * share:5.1f}%")
+    report = {"exact_match": matched,
+              "examples": [{"reference": reference, **{name: answers[k] for name, answers in conditions.items()}}
+                           for k, reference in enumerate(references[:8])]}
+    write_text(out / "evaluation_stage2.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -95,7 +95,7 @@ def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
     return optimizer, scheduler
 
 
-def _wire_schedule(model: DistributedDataParallel, optimizer, args) -> None:
+def wire_schedule(model: DistributedDataParallel, optimizer, args) -> None:
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if args.fp16 else None
@@ -179,7 +179,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     initialize(args)
     model = build_model(model_provider, model_type, args)
     optimizer, scheduler = build_optimizer(model, args)
-    _wire_schedule(model, optimizer, args)
+    wire_schedule(model, optimizer, args)
     unwrapped = unwrap(model)
     config_json = to_mindspeed_json(model_config or unwrapped.llava_config)
 
