@@ -1,6 +1,6 @@
 """Stage-2 training throughput: unpacked, length-grouped and packed batches, same model, same samples, one run.
 
-    python bench/packing.py [--records 384] [--shape tiny] [--device cpu|cuda] [--repeats 2]
+    python bench/packing.py [--records 384] [--shape tiny] [--device cpu|cuda] [--repeats 2] [--packed-rows 1]
 
 An instruction mix of ``--records`` records (``mm-data synth --kind instruct-mix``: the 665k mix's sources,
 text-only share, rounds and answer lengths) is trained for one epoch in each mode, from the same initial
@@ -148,7 +148,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--packed-rows", type=int, default=2)
+    parser.add_argument("--packed-rows", type=int, default=1)
     parser.add_argument("--seq-length", type=int, default=576)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")

@@ -94,7 +94,10 @@ class PackingCollator:
         return len(sample["input_ids"]) + len(sample["images"]) * (self.tokens_per_image - 1)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        rows = pack_rows([self.expanded_length(sample) for sample in samples], self.seq_length)
+        lengths = [self.expanded_length(sample) for sample in samples]
+        rows = pack_rows(lengths, self.seq_length)
+        # Rows of similar length share a micro-batch, which is as wide as its longest row.
+        rows.sort(key=lambda row: -sum(lengths[p] for p in row))
         return [self._micro_batch([[samples[p] for p in row] for row in rows[start:start + self.micro_batch_size]])
                 for start in range(0, len(rows), self.micro_batch_size)]
 

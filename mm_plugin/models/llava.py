@@ -22,8 +22,9 @@ from megatron.core.transformer.module import MegatronModule
 from mm_plugin import patches
 from mm_plugin.config.model import LlavaConfig
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
-from mm_plugin.models.packed_rows import sample_attention_mask, sample_positions, use_sample_positions
-from mm_plugin.models.specs import language_layer_spec, projector_submodules, vision_layer_spec
+from mm_plugin.models.attention import SDPAttention
+from mm_plugin.models.packed_rows import attention_for_packed_rows, sample_positions, use_sample_positions
+from mm_plugin.models.specs import core_attention, language_layer_spec, projector_submodules, vision_layer_spec
 from mm_plugin.models.transformer_configs import TORCH_DTYPES, language_config, projector_config, vision_config
 from mm_plugin.models.vision import CLIPVisionTower
 
@@ -178,7 +179,8 @@ class LlavaModel(MegatronModule):
         decoder_input = self.embed(tokens, images) if self.pre_process else None
         attention_mask, rotary = None, self.language_model.rotary_pos_emb
         if tokens.segments is not None:
-            attention_mask = sample_attention_mask(tokens.segments)
+            per_sample = core_attention(self.llava_config.attention_backend) is SDPAttention
+            attention_mask = attention_for_packed_rows(tokens.segments, per_sample)
             rotary.positions = sample_positions(tokens.segments)
         try:
             output = self.language_model(input_ids=tokens.input_ids, position_ids=None,

@@ -6,8 +6,10 @@ sample, nothing across samples) and the position of every token within its sampl
 embedding uses instead of its position in the row. Together with targets that never cross a sample
 boundary (``image_tokens.expand_image_tokens``), every sample computes exactly what it computes alone.
 
-The mask is a full ``[b, 1, s, s]`` tensor: on the CPU and through SDPA this is the same math as the
-unpacked run, computing the masked blocks and discarding them.
+What the decoder's core attention is given (``attention_for_packed_rows``): ``SDPAttention`` takes the
+sample numbers themselves and attends sample by sample, never computing a block between two samples;
+megatron-core's ``DotProductAttention`` (and MindSpeed's kernels behind it on NPU) takes the dense
+``[b, 1, s, s]`` mask, computing those blocks and discarding them. Both are the same math.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ def sample_attention_mask(segments: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
     same_sample = segments.unsqueeze(2) == segments.unsqueeze(1)
     return ~(same_sample & causal).unsqueeze(1)
+
+
+def sample_runs(segments: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the ``(start, end)`` of each run of equal sample numbers (padding is a run of its own).
+    Computed once per forward (``attention_for_packed_rows`` keeps them on the tensor), not once per layer."""
+    runs = getattr(segments, "sample_runs", None)
+    if runs is not None:
+        return runs
+    runs = []
+    for row in segments.tolist():
+        starts = [0] + [k for k in range(1, len(row)) if row[k] != row[k - 1]]
+        runs.append(list(zip(starts, starts[1:] + [len(row)])))
+    return runs
+
+
+def attention_for_packed_rows(segments: torch.Tensor, per_sample_attention: bool) -> torch.Tensor:
+    """The ``attention_mask`` the decoder gets for packed rows: with ``per_sample_attention`` (the core
+    attention is ``SDPAttention``) the sample numbers, their runs computed here once; else the dense mask."""
+    if not per_sample_attention:
+        return sample_attention_mask(segments)
+    segments.sample_runs = sample_runs(segments)
+    return segments
 
 
 class SampleRotaryEmbedding(RotaryEmbedding):
