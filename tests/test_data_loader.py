@@ -206,3 +206,41 @@ print(sorted(m for m in sys.modules if m.startswith("megatron")))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_stage2_bad_conversations_are_handled_as_llava_or_counted(tmp_path):
+    """The instruction mix's kinds of bad input, in the vicuna_v1 template: each is handled as original LLaVA
+    handles it or replaced and counted with a reason; none crashes, none yields a sample without a trained
+    token."""
+    import json
+    import shutil
+
+    folder = tmp_path / "stage2"
+    shutil.copytree(synthetic("instruct", 16), folder)
+    records = json.loads((folder / "instruct.json").read_text())
+    image = next(r["image"] for r in records if "image" in r)
+    turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
+             {"from": "gpt", "value": "The shape is red."}]
+    cases = {
+        "more tags than images": ({"image": image, "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat colour?"}, turns[1]]}, "image_token_mismatch"),
+        "turns that do not alternate": ({"image": image, "conversations": [turns[0], turns[0], turns[1]]},
+                                        "malformed_record"),
+        "first turn from gpt": ({"image": image, "conversations": [turns[1], *turns]}, None),  # LLaVA drops it
+        "empty turn": ({"image": image, "conversations": [turns[0], {"from": "gpt", "value": "  "}]},
+                       "empty_caption"),
+        "longer than the context": ({"image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + "Describe the image. " * 200}, turns[1]]}, "too_long"),
+        "a path leaving its folder": ({"image": "../" + image, "conversations": turns}, "unsafe_image_path"),
+    }
+    bad = [dict(record, id=name) for name, (record, _) in cases.items()]
+    (folder / "instruct.json").write_text(json.dumps(bad + records))
+    config = load_data_config(folder / "data.json")
+    dataset, _ = build_datasets(config, load_tokenizer(config.tokenizer_path), image_tokens=16, model_max_length=200)
+    for position, (name, (_, reason)) in enumerate(cases.items()):
+        sample = dataset[position]
+        assert [found for found, _ in sample["bad"]] == ([reason] if reason else []), name
+        assert name in sample["bad"][0][1] if reason else sample["id"] == name
+        assert (sample["labels"] != IGNORE_INDEX).any(), name
+    dropped = dataset[2]
+    assert (dropped["input_ids"] == IMAGE_TOKEN_INDEX).sum() == 1  # the stray gpt turn is gone, the rest trains
