@@ -5,7 +5,7 @@ Saves a dist_checkpointing checkpoint of ``--gib`` GiB of weights in this proces
 times each, with the files in the page cache as a load right after a save finds them (or, ``--cold``, not):
 
 * ``dist_checkpointing.load`` of every tensor (what a resume reads), unchecked;
-* the same load inside ``checkpointing.reading_checkpoint``, as every load of ours runs: pickles checked
+* the same load inside ``checkpoint.reading.reading_checkpoint``, as every load of ours runs: pickles checked
   first, files hashed against the manifest on a thread while the load reads them;
 * on their own: ``verify_manifest`` (CRC-32 of every file, the part of the check that grows with the
   checkpoint) and ``check_dist_checkpoint`` (the pickles read without executing them).
@@ -50,8 +50,8 @@ def main() -> int:
 
     from mm_plugin.parallel.world import join_world, set_model_parallel
     from mm_plugin.safe_io import check_dist_checkpoint
-    from mm_plugin.training import checkpointing
-    from mm_plugin.training.manifest import verify_manifest, write_manifest
+    from mm_plugin.checkpoint import reading
+    from mm_plugin.checkpoint.manifest import verify_manifest, write_manifest
 
     join_world()
     set_model_parallel(1, 1)
@@ -83,9 +83,9 @@ def main() -> int:
             times["load"].append(time.perf_counter() - start)
             del loaded
             settle()
-            checkpointing._verified.clear()  # verify again every round
+            reading._verified.clear()  # verify again every round
             start = time.perf_counter()
-            with checkpointing.reading_checkpoint(directory):
+            with reading.reading_checkpoint(directory):
                 loaded = dist_checkpointing.load(state(torch.empty), str(directory))
             times["verified"].append(time.perf_counter() - start)
             del loaded

@@ -29,7 +29,7 @@ def test_the_printed_loss_falls_and_is_logged(demo_run):
 
 def test_stage1_saved_only_the_projector(megatron_single, demo_run):
     from mm_plugin.safe_io import load_state
-    from mm_plugin.training.checkpointing import read_model_tensors
+    from mm_plugin.models.loading import read_model_tensors
 
     trained = read_model_tensors(demo_run / "checkpoints" / "stage1")
     assert trained and all(name.startswith("vision_projection.") for name in trained)
@@ -53,7 +53,7 @@ def test_stage2_answers_questions_from_the_images(demo_stage2_run):
 
 def test_stage2_trained_the_language_model_and_projector_from_stage1(megatron_single, demo_stage2_run):
     from mm_plugin.safe_io import load_state
-    from mm_plugin.training.checkpointing import read_model_tensors
+    from mm_plugin.models.loading import read_model_tensors
 
     stage1 = read_model_tensors(demo_stage2_run / "checkpoints" / "stage1")
     stage2 = read_model_tensors(demo_stage2_run / "checkpoints" / "stage2")

@@ -190,7 +190,7 @@ def saved_checkpoint(megatron_single, tmp_path_factory):
 @given(data=st.data())
 def test_damaged_checkpoints_are_refused_with_a_reason(saved_checkpoint, data):
     from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint
-    from mm_plugin.training.checkpointing import CheckpointError, reading_checkpoint
+    from mm_plugin.checkpoint.reading import CheckpointError, reading_checkpoint
 
     names = sorted(path.name for path in saved_checkpoint.iterdir() if path.name != "manifest.json")
     name = data.draw(st.sampled_from(names))

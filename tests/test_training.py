@@ -60,7 +60,7 @@ def test_resume_with_dropout_restores_the_random_state(megatron_single, setup, t
 
 
 def test_a_checkpoint_of_another_shape_is_named(megatron_single, setup, tmp_path):
-    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.checkpoint.reading import CheckpointError
 
     train(argv(setup, iterations=2, extra=("--save", str(tmp_path / "ckpt"))))
     other = json.loads((setup / "stage1.json").read_text())
@@ -160,7 +160,7 @@ def test_a_checkpoint_of_megatron_lms_pretrain_starts_a_finetune_but_is_not_resu
     bookkeeping, so resuming it is left to Megatron-LM, with a message saying so."""
     from convert_fixtures import load_converted
     from mm_plugin.config.model import load_model_config, to_mindspeed_json
-    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.checkpoint.reading import CheckpointError
 
     model = load_converted(setup / "stage1.json")
     frozen = "language_model.decoder.layers.0.mlp.linear_fc2.weight"  # frozen in stage 1: it keeps what is loaded
@@ -188,7 +188,8 @@ def test_a_nan_step_is_skipped_without_touching_weights(megatron_single, setup):
 
 
 def test_too_many_nan_steps_stop_with_the_last_good_checkpoint(megatron_single, setup, tmp_path):
-    from mm_plugin.training.checkpointing import latest_iteration, read_model_tensors
+    from mm_plugin.checkpoint.reading import latest_iteration
+    from mm_plugin.models.loading import read_model_tensors
     from mm_plugin.training.loop import TrainingStopped
 
     save = tmp_path / "ckpt"
@@ -232,7 +233,7 @@ def _read_with(entry: str, setup, save: Path) -> None:
     from mm_plugin.config.model import load_model_config
     from mm_plugin.models.llava import LlavaModel
     from mm_plugin.models.loading import load_part_from_checkpoint
-    from mm_plugin.training.checkpointing import read_model_tensors
+    from mm_plugin.models.loading import read_model_tensors
 
     if entry == "export":
         read_model_tensors(save)
@@ -250,8 +251,8 @@ def test_a_payload_planted_in_a_checkpoint_is_refused_never_run(megatron_single,
                                                                entry, planted_in):
     """torch.distributed.checkpoint unpickles ``.metadata`` unrestricted, megatron-core 0.12 ``common.pt``.
     The attacker rewrites the manifest too, so the checksums pass and the pickle itself must be refused."""
-    from mm_plugin.training.checkpointing import CheckpointError
-    from mm_plugin.training.manifest import write_manifest
+    from mm_plugin.checkpoint.reading import CheckpointError
+    from mm_plugin.checkpoint.manifest import write_manifest
 
     marker = tmp_path / "created-by-the-pickle"
     save, directory = _copy(saved, tmp_path)
@@ -286,7 +287,7 @@ def _damage(path: Path, how: str) -> None:
 def test_damaged_bytes_stop_the_load_naming_the_file_and_the_last_good_checkpoint(
         megatron_single, setup, tmp_path, entry, file, how):
     """Flipped bytes in a weight or optimizer shard used to load silently (and train on)."""
-    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.checkpoint.reading import CheckpointError
 
     save = tmp_path / "ckpt"
     train(argv(setup, iterations=4, extra=("--save", str(save), "--save-interval", "2")))
@@ -306,7 +307,7 @@ def test_damaged_bytes_stop_the_load_naming_the_file_and_the_last_good_checkpoin
 def test_an_incomplete_checkpoint_without_a_manifest_is_named_not_a_worker_traceback(
         megatron_single, setup, saved, tmp_path, damage):
     """Checkpoints saved without a manifest (Megatron-LM's pretrain(), older versions) are still checked."""
-    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.checkpoint.reading import CheckpointError
 
     save, directory = _copy(saved, tmp_path)
     (directory / "manifest.json").unlink()

@@ -133,7 +133,7 @@ def save_as_megatron_lm(root: Path, iteration: int, model, model_config) -> Path
 
     from megatron.core import dist_checkpointing
 
-    from mm_plugin.training.checkpointing import TRACKER, iteration_dir
+    from mm_plugin.checkpoint.reading import TRACKER, iteration_dir
 
     directory = iteration_dir(root, iteration)
     directory.mkdir(parents=True)

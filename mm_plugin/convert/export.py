@@ -29,8 +29,9 @@ _VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 def read_trained(checkpoint_dir: Path) -> Mapping[str, torch.Tensor]:
     """Full (TP=1) tensors, by our full-model names, of a training checkpoint directory (what it saved:
     a stage-1 checkpoint holds only the projector)."""
+    from mm_plugin.checkpoint.reading import CheckpointError
+    from mm_plugin.models.loading import read_model_tensors
     from mm_plugin.parallel.world import join_world, set_model_parallel
-    from mm_plugin.training.checkpointing import CheckpointError, read_model_tensors
 
     join_world()
     set_model_parallel(1, 1)  # the checkpoint is read into a model built at TP=PP=1, in this process

@@ -28,7 +28,7 @@ from mm_plugin.inference.config import Query, load_inference_config, queries
 from mm_plugin.inference.demo import demo_config
 from mm_plugin.inference.prompts import TEMPLATES
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError
-from mm_plugin.training.checkpointing import CheckpointError
+from mm_plugin.checkpoint.reading import CheckpointError
 
 DEMO_DIR = "demo_out"
 """Where ``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` writes (its ``DEMO_DIR``)."""

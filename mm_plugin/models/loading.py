@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from megatron.core import parallel_state
 
-from mm_plugin.config.model import LlavaConfig, ModelConfigError
+from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
+                                          saved_model_config)
+from mm_plugin.config.model import LlavaConfig, ModelConfigError, from_mindspeed_json
+from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.sources import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -129,9 +133,29 @@ def load_parts(model, config: LlavaConfig) -> None:
 
 def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
     """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model."""
-    from mm_plugin.training.checkpointing import load_model_weights, reading_checkpoint
-
     needed = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
     with reading_checkpoint(directory) as (checkpoint, _):
         load_model_weights(checkpoint, model, prefix=prefix, required=needed)
     logger.info("%s: loaded from training checkpoint %s", prefix.rstrip("."), checkpoint)
+
+
+def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Full (TP=1) tensors of a checkpoint's model weights, by our full-model parameter names.
+
+    Builds the model the checkpoint was saved from (its config is inside) in this process at TP=PP=1,
+    loads what the checkpoint holds and returns just those tensors. Needs a torch.distributed world
+    (one process is enough); used by ``mm-convert export-hf --load`` and the demo.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
+            parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise CheckpointError("read_model_tensors runs at tensor- and pipeline-parallel size 1")
+    with reading_checkpoint(path) as (directory, _):
+        config = from_mindspeed_json(saved_model_config(directory, common_state(directory)),
+                                     source=f"{directory} (saved model config)")
+        model = LlavaModel(config, extra={"perform_initialization": False})
+        names = set(load_model_weights(directory, model))
+    tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
+    for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+        if name in tensors:  # drop the vocabulary padding rows, as in a part file
+            tensors[name] = tensors[name][: config.language.vocab_size]
+    return tensors

@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mm_plugin.parallel import FullStateDictError
     from mm_plugin.safe_io import UnsafeFileError, WeightFileError
     from mm_plugin.training.arguments import ArgumentError
-    from mm_plugin.training.checkpointing import CheckpointError
+    from mm_plugin.checkpoint.reading import CheckpointError
     from mm_plugin.training.loop import TrainingStopped
 
     try:

@@ -143,7 +143,7 @@ def export_language_model(checkpoint: Path, output: Path) -> None:
     """The trained decoder of a training checkpoint as a TP=1 part file (what `mm-convert llm` writes)."""
     from mm_plugin.parallel.world import join_world, set_model_parallel
     from mm_plugin.safe_io import save_state
-    from mm_plugin.training.checkpointing import read_model_tensors
+    from mm_plugin.models.loading import read_model_tensors
 
     join_world()
     set_model_parallel(1, 1)

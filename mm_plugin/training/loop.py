@@ -28,6 +28,7 @@ from megatron.core.transformer.module import Float16Module
 from mm_plugin import device
 from mm_plugin.parallel.placement import unwrap
 from mm_plugin.parallel.world import join_world, set_model_parallel
+from mm_plugin.checkpoint.reading import holds_checkpoint, iteration_dir, latest_iteration
 from mm_plugin.training import checkpointing
 from mm_plugin.training.arguments import parse_args, validate
 from mm_plugin.training.metrics import MetricsLogger
@@ -184,7 +185,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     config_json = to_mindspeed_json(model_config or unwrapped.llava_config)
 
     iteration, consumed = 0, 0
-    if args.load and checkpointing.holds_checkpoint(args.load):
+    if args.load and holds_checkpoint(args.load):
         iteration, consumed = checkpointing.load_checkpoint(
             args.load, unwrapped, optimizer, scheduler, load_optimizer=not args.no_load_optim,
             load_rng=not args.no_load_rng, finetune=args.finetune)
@@ -215,10 +216,10 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
             logger.warning("iteration %d: loss %s or a gradient is not finite: step skipped (%d in a row)",
                            iteration, float(loss), skipped_in_a_row)
             if skipped_in_a_row >= args.max_skipped_iterations:
-                last = checkpointing.latest_iteration(args.save) if args.save else None
+                last = latest_iteration(args.save) if args.save else None
                 raise TrainingStopped(
                     f"{skipped_in_a_row} iterations in a row skipped for NaN/Inf (--max-skipped-iterations); "
-                    + (f"the last good checkpoint is {checkpointing.iteration_dir(args.save, last)}" if last
+                    + (f"the last good checkpoint is {iteration_dir(args.save, last)}" if last
                        else "no checkpoint was saved")
                 )
         metrics.iteration_done(iteration, consumed, float(loss), grad_norm, optimizer.param_groups[0]["lr"],
@@ -231,7 +232,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
                 _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
         if args.exit_interval and iteration % args.exit_interval == 0:
             break
-    if args.save and (checkpointing.latest_iteration(args.save) or 0) < iteration:
+    if args.save and (latest_iteration(args.save) or 0) < iteration:
         _save(args, iteration, consumed, unwrapped, optimizer, scheduler, config_json)
     metrics.close()
     result.iteration, result.consumed_samples = iteration, consumed

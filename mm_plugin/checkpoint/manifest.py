@@ -4,7 +4,7 @@ Neither megatron-core nor torch.distributed.checkpoint checks what it reads back
 weight or optimizer shard load silently and training goes on with the damaged values. So every save
 writes ``manifest.json`` into the checkpoint before the tracker moves to it, and every load verifies the
 files against it while reading them (``Verification``); a mismatch stops with the damaged file's name before
-anything loaded is used (see ``checkpointing.reading_checkpoint``).
+anything loaded is used (see ``reading.reading_checkpoint``).
 
 CRC-32 (zlib's, several GB/s) rather than a cryptographic hash: the manifest guards against damage (flipped
 bits, torn or truncated copies), not against someone who rewrites the files, who could rewrite it too; what
