@@ -44,11 +44,11 @@ setup(
     extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
     entry_points={
         "console_scripts": [
-            "mm-convert=mm_plugin.convert.cli:main",
-            "mm-data=mm_plugin.data.cli:main",
-            "mm-pretrain=mm_plugin.training.cli:main",
-            "mm-infer=mm_plugin.inference.cli:main",
-            "mm-plot=mm_plugin.training.plot:main",
+            "mm-convert=mm_plugin.console:mm_convert",
+            "mm-data=mm_plugin.console:mm_data",
+            "mm-pretrain=mm_plugin.console:mm_pretrain",
+            "mm-infer=mm_plugin.console:mm_infer",
+            "mm-plot=mm_plugin.console:mm_plot",
         ]
     },
 )

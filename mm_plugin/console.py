@@ -3,7 +3,8 @@
 megatron-core imported without TransformerEngine or apex warns, once per module and process, that it falls
 back to its local implementations; torch and megatron-core warn about deprecations inside megatron-core's own
 code. A user of this package can act on none of them, and a two-process demo printed about forty such lines.
-Every entry point calls :func:`quiet_third_party_warnings` before it imports megatron-core: those warnings are
+Every entry point calls :func:`quiet_third_party_warnings` before it imports megatron-core (the console
+scripts through the functions at the end of this module, which import their CLI only then): those warnings are
 counted instead of shown, and rank 0 prints one line about them at exit. ``MM_PLUGIN_VERBOSE=1`` shows them
 as before. Every other warning is shown.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import importlib
 import os
 import re
 import sys
@@ -51,3 +53,31 @@ def _summarise() -> None:
         counts = ", ".join(f"{count} {label}" for label, count in _hidden.items())
         print(f"mm_plugin: hid known third-party warnings ({counts}); MM_PLUGIN_VERBOSE=1 shows them",
               file=sys.stderr, flush=True)
+
+
+# --- console scripts (setup.py): each imports its command-line module after the warnings are quieted ------
+
+
+def _main_of(module: str) -> int:
+    quiet_third_party_warnings()
+    return importlib.import_module(module).main()
+
+
+def mm_convert() -> int:
+    return _main_of("mm_plugin.convert.cli")
+
+
+def mm_data() -> int:
+    return _main_of("mm_plugin.data.cli")
+
+
+def mm_pretrain() -> int:
+    return _main_of("mm_plugin.training.cli")
+
+
+def mm_infer() -> int:
+    return _main_of("mm_plugin.inference.cli")
+
+
+def mm_plot() -> int:
+    return _main_of("mm_plugin.training.plot")

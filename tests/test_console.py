@@ -33,3 +33,21 @@ def test_known_warnings_are_one_summary_line_and_others_still_show():
     assert len(summaries) == 1 and "TransformerEngine/apex fallbacks" in summaries[0]
     verbose = _run(MM_PLUGIN_VERBOSE="1")
     assert "Transformer Engine" in verbose and "hid known" not in verbose
+
+
+def test_every_console_script_quiets_the_warnings_before_megatron_is_imported():
+    """A console script's module imports megatron-core at import time; setup.py's entry points are the
+    functions of mm_plugin.console, which quiet the warnings first."""
+    import re
+
+    scripts = dict(re.findall(r'"(mm-[a-z]+)=([\w.:]+)"', (REPO / "setup.py").read_text()))
+    assert set(scripts) == {"mm-convert", "mm-data", "mm-pretrain", "mm-infer", "mm-plot"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "mm_plugin.console", (name, target)
+        code = f"import sys; sys.argv = [{name!r}, '--help']\nfrom {module} import {function}\n{function}()"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr[-2000:])
+        assert "Transformer Engine" not in result.stderr and "Apex" not in result.stderr, (name, result.stderr)
