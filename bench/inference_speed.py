@@ -231,7 +231,7 @@ def operation_counts(hf, ours, shape: str, dtype_name: str, batches, text_tokens
     from unittest import mock
 
     from mm_plugin.inference import direct_layers
-    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+    from mm_plugin.config.names import TORCH_DTYPES
 
     report = {"shape": shape, "device": device, "dtype": dtype_name, "new_tokens": new_tokens, "counts": {}}
     print(f"{shape}, {device}, {dtype_name}: tensor operations dispatched (views not counted)")
@@ -272,7 +272,7 @@ def machine() -> dict:
 def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, new_tokens: int, repeats: int,
               device: str, clock: str = "wall") -> dict:
     """Both implementations on the same requests, interleaved; prints a markdown table and returns the report."""
-    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+    from mm_plugin.config.names import TORCH_DTYPES
 
     parameters = sum(p.numel() for p in hf.parameters())
     report = {"shape": shape, "parameters": parameters, "dtype": dtype_name, "clock": clock,
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("MM_PLUGIN_DEVICE", "cpu")
     import mm_plugin  # noqa: F401  (patches)
-    from mm_plugin.models.transformer_configs import TORCH_DTYPES
+    from mm_plugin.config.names import TORCH_DTYPES
 
     hf = build_hf(args.shape, TORCH_DTYPES[args.dtype], args.device)
     ours = build_ours(hf, args.dtype)

@@ -73,3 +73,36 @@ def test_the_walk_sees_function_level_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from mm_plugin.training.loop import pretrain\n    from .. import device\n")
     assert list(_imports(sample, "mm_plugin.models.sample")) == ["mm_plugin.training.loop", "mm_plugin.device"]
+
+
+OTHER_FORMATS = {("mm_plugin/convert/inputs.py", "vision_model.")}
+"""Spellings that equal one of ours but name something else: Hugging Face's CLIPModel keeps its tower under
+``vision_model.`` too."""
+
+
+def _spelled(value):
+    """Constants of ``config.names`` as they would be spelled out in code (Hugging Face's prefixes are left
+    out: legacy Megatron and original LLaVA files use some of the same strings for their own layouts)."""
+    from mm_plugin.config import names
+
+    table = {name for part in names.PARTS for name in (part.json_key, part.module_prefix)}
+    table |= {names.IMAGE_TOKEN_INDEX, names.IGNORE_INDEX}
+    return value in table and not isinstance(value, bool)
+
+
+def test_the_shared_names_are_spelled_once():
+    """The parts' names, the image placeholder and the ignore index live in config/names.py; everything
+    else imports them."""
+    spelled = []
+    for path, module in _modules():
+        if module == "mm_plugin.config.names":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            value = None
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+                value = -node.operand.value if isinstance(node.operand.value, int) else None
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                value = node.value
+            if value is not None and _spelled(value) and (str(path.relative_to(REPO)), value) not in OTHER_FORMATS:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno}: {value!r}")
+    assert not spelled, "use mm_plugin.config.names:\n" + "\n".join(spelled)

@@ -24,13 +24,11 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
+from mm_plugin.config.names import DTYPES, LANGUAGE, PROJECTOR, PROJECTOR_MODEL_IDS, VISION
 from mm_plugin.safe_io import file_name_problem
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
-DTYPES = ("fp32", "bf16", "fp16")
 
 
 class ModelConfigError(ValueError):
@@ -139,7 +137,7 @@ class LlavaConfig:
         self.vision.num_layers_built  # noqa: B018  (raises on a bad select_layer)
         if self.vision.select_feature not in ("patch", "cls_patch"):
             raise ModelConfigError(f"{self.source}: select_feature {self.vision.select_feature!r}: use patch or cls_patch")
-        if self.projector.projector_type not in ("mlp2x_gelu", "linear", "identity"):
+        if self.projector.projector_type not in PROJECTOR_MODEL_IDS:
             raise ModelConfigError(
                 f"{self.source}: projector type {self.projector.projector_type!r}: use mlp2x_gelu, linear or identity"
             )
@@ -148,7 +146,7 @@ class LlavaConfig:
                 f"{self.source}: an identity projector needs vision hidden_size ({self.vision.hidden_size}) "
                 f"== language hidden_size ({self.language.hidden_size})"
             )
-        for part_name, part in (("vision_encoder", self.vision), ("text_decoder", self.language)):
+        for part_name, part in ((VISION.json_key, self.vision), (LANGUAGE.json_key, self.language)):
             if part.hidden_size % part.num_attention_heads:
                 raise ModelConfigError(
                     f"{self.source}: {part_name}.hidden_size {part.hidden_size} is not a multiple of "
@@ -224,7 +222,7 @@ PRESETS = {"llava-1.5-7b": _preset_7b, "llava-1.5-13b": _preset_13b, "tiny": _pr
 # Fields whose value is fixed by the architecture: another value would build a different model.
 # Values of published files that contradict LLaVA-1.5 by mistake: loaded with a warning, built as LLaVA-1.5.
 _LEGACY_VALUES = {
-    ("vision_encoder", "activation_func", "gelu"): "MindSpeed-MM's first model.json and inference_llava.json "
+    (VISION.json_key, "activation_func", "gelu"): "MindSpeed-MM's first model.json and inference_llava.json "
     "(2024-09) said gelu, fixed there in 2024-10: CLIP ViT-L/14 uses quick_gelu, and its weights need it",
 }
 
@@ -232,17 +230,17 @@ _LEGACY_VALUES = {
 _VISION_GEOMETRY = ("add_class_token", "class_token_len", "patch_size", "image_size")
 
 _REQUIRED_VALUES = {
-    "text_decoder": {
+    LANGUAGE.json_key: {
         "add_bias_linear": False, "gated_linear_unit": True, "activation_func": "silu",
         "normalization": "RMSNorm", "lm_position_embedding_type": "rope", "rotary_interleaved": False,
         "add_qkv_bias": False,
     },
-    "vision_encoder": {
+    VISION.json_key: {
         "model_id": "clip", "post_layer_norm": False, "add_bias_linear": True, "add_qkv_bias": True,
         "gated_linear_unit": False, "normalization": "LayerNorm", "activation_func": "quick_gelu",
         "add_class_token": True,
     },
-    "vision_projector": {
+    PROJECTOR.json_key: {
         "gated_linear_unit": False, "add_bias_linear": True, "activation_func": "gelu",
         # megatron fuses bias+GELU with the tanh approximation; LLaVA's GELU is the exact erf.
         "bias_activation_fusion": False,
@@ -262,10 +260,10 @@ _NO_EFFECT = {
 }
 
 _ALIASES = {
-    "text_decoder": {"language_vocab_size": "vocab_size", "language_max_sequence_length": "max_sequence_length",
+    LANGUAGE.json_key: {"language_vocab_size": "vocab_size", "language_max_sequence_length": "max_sequence_length",
                      "max_position_embeddings": "max_sequence_length"},
-    "vision_encoder": {},
-    "vision_projector": {},
+    VISION.json_key: {},
+    PROJECTOR.json_key: {},
 }
 
 _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
@@ -340,12 +338,12 @@ def _fill_part(part: Any, part_name: str, raw: dict, source: str,
             if str(value) not in _DTYPE_NAMES:
                 raise ModelConfigError(f"{where} = {value!r}: use one of {sorted(_DTYPE_NAMES)}")
             part.params_dtype = _DTYPE_NAMES[str(value)]
-        elif key == "model_id" and part_name == "vision_projector":
-            types = {"mlp": "mlp2x_gelu", "affine": "linear", "identity": "identity"}
+        elif key == "model_id" and part_name == PROJECTOR.json_key:
+            types = {model_id: projector_type for projector_type, model_id in PROJECTOR_MODEL_IDS.items()}
             if value not in types:
                 raise ModelConfigError(f"{where} = {value!r}: use one of {sorted(types)}")
             part.projector_type = types[value]
-        elif key in ("input_size", "hidden_size") and part_name == "vision_projector":
+        elif key in ("input_size", "hidden_size") and part_name == PROJECTOR.json_key:
             continue  # checked against the vision and language widths in _check_projector_widths
         elif target in own:
             setattr(part, target, _checked(part, target, value, where))
@@ -382,7 +380,7 @@ def from_mindspeed_json(raw: dict, source: str = "model.json") -> LlavaConfig:
 
 
 def _from_mindspeed_json(raw: dict, source: str) -> LlavaConfig:
-    unknown_top = set(raw) - {"model_id", "text_decoder", "image_encoder", "text_encoder", "video_encoder",
+    unknown_top = set(raw) - {"model_id", LANGUAGE.json_key, "image_encoder", "text_encoder", "video_encoder",
                               "attention_backend"}
     if unknown_top:
         raise ModelConfigError(f"{source}: unknown top-level fields {sorted(unknown_top)}")
@@ -391,18 +389,18 @@ def _from_mindspeed_json(raw: dict, source: str) -> LlavaConfig:
     for absent in ("text_encoder", "video_encoder"):
         if raw.get(absent) is not None:
             raise ModelConfigError(f"{source}: {absent} must be null: LLaVA-1.5 has none")
-    for needed in ("text_decoder", "image_encoder"):
+    for needed in (LANGUAGE.json_key, "image_encoder"):
         if not isinstance(raw.get(needed), dict):
             raise ModelConfigError(f"{source}: missing the {needed!r} section")
     image_encoder = raw["image_encoder"]
-    unknown_image = set(image_encoder) - {"vision_encoder", "vision_projector"} - set(_VISION_GEOMETRY)
-    if unknown_image or not isinstance(image_encoder.get("vision_encoder"), dict) \
-            or not isinstance(image_encoder.get("vision_projector"), dict):
+    unknown_image = set(image_encoder) - {VISION.json_key, PROJECTOR.json_key} - set(_VISION_GEOMETRY)
+    if unknown_image or not isinstance(image_encoder.get(VISION.json_key), dict) \
+            or not isinstance(image_encoder.get(PROJECTOR.json_key), dict):
         raise ModelConfigError(
             f"{source}: image_encoder needs vision_encoder and vision_projector sections and at most "
             f"{', '.join(_VISION_GEOMETRY)} beside them (found {sorted(image_encoder)})"
         )
-    vision_raw = dict(image_encoder["vision_encoder"])
+    vision_raw = dict(image_encoder[VISION.json_key])
     for key in _VISION_GEOMETRY:  # MindSpeed-MM's first model.json (2024-09) kept them one level up
         if key in image_encoder:
             if key in vision_raw and vision_raw[key] != image_encoder[key]:
@@ -415,10 +413,10 @@ def _from_mindspeed_json(raw: dict, source: str) -> LlavaConfig:
         language=LanguageModelConfig(), attention_backend=raw.get("attention_backend", "auto"), source=source,
     )
     fields = _transformer_config_fields()
-    _fill_part(config.language, "text_decoder", raw["text_decoder"], source, fields)
-    _fill_part(config.vision, "vision_encoder", vision_raw, source, fields)
-    _fill_part(config.projector, "vision_projector", image_encoder["vision_projector"], source, fields)
-    _check_projector_widths(config, image_encoder["vision_projector"], source)
+    _fill_part(config.language, LANGUAGE.json_key, raw[LANGUAGE.json_key], source, fields)
+    _fill_part(config.vision, VISION.json_key, vision_raw, source, fields)
+    _fill_part(config.projector, PROJECTOR.json_key, image_encoder[PROJECTOR.json_key], source, fields)
+    _check_projector_widths(config, image_encoder[PROJECTOR.json_key], source)
     heads_per_width = config.vision.hidden_size // config.vision.num_attention_heads
     if config.vision.kv_channels not in (None, heads_per_width):
         raise ModelConfigError(
@@ -456,11 +454,10 @@ def _resolve_relative_paths(config: LlavaConfig, base: Path) -> None:
 def to_mindspeed_json(config: LlavaConfig) -> dict:
     """The inverse of :func:`from_mindspeed_json` (MindSpeed-MM's convention: layers built, no select_layer)."""
     vision, projector, language = config.vision, config.projector, config.language
-    projector_ids = {"mlp2x_gelu": "mlp", "linear": "affine", "identity": "identity"}
     return {
         "model_id": "llava",
         "attention_backend": config.attention_backend,
-        "text_decoder": {
+        LANGUAGE.json_key: {
             "num_layers": language.num_layers, "hidden_size": language.hidden_size,
             "num_attention_heads": language.num_attention_heads,
             "num_query_groups": language.num_query_groups or language.num_attention_heads,
@@ -473,7 +470,7 @@ def to_mindspeed_json(config: LlavaConfig) -> dict:
             **language.transformer_overrides,
         },
         "image_encoder": {
-            "vision_encoder": {
+            VISION.json_key: {
                 "model_id": "clip", "num_layers": vision.num_layers_built, "hidden_size": vision.hidden_size,
                 "num_attention_heads": vision.num_attention_heads, "ffn_hidden_size": vision.ffn_hidden_size,
                 "select_feature": vision.select_feature, "post_layer_norm": False, "add_bias_linear": True,
@@ -483,8 +480,8 @@ def to_mindspeed_json(config: LlavaConfig) -> dict:
                 "params_dtype": vision.params_dtype, "freeze": vision.freeze, "ckpt_path": vision.ckpt_path,
                 **vision.transformer_overrides,
             },
-            "vision_projector": {
-                "model_id": projector_ids[projector.projector_type], "add_bias_linear": True,
+            PROJECTOR.json_key: {
+                "model_id": PROJECTOR_MODEL_IDS[projector.projector_type], "add_bias_linear": True,
                 "gated_linear_unit": False, "bias_activation_fusion": False,
                 "input_size": vision.hidden_size, "hidden_size": language.hidden_size,
                 "ffn_hidden_size": projector.ffn_hidden_size or language.hidden_size,

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from mm_plugin.config.model import ModelConfigError
 from mm_plugin.convert import commands
 from mm_plugin.convert.errors import ConversionError
-from mm_plugin.convert.pipeline import DTYPES
+from mm_plugin.config.names import TORCH_DTYPES
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError
 
 INPUT_ERRORS = (ConversionError, ModelConfigError, WeightFileError, UnsafeFileError, OSError)
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--input", required=True, help="what to convert (see above)")
         sub.add_argument("--output", required=True, help="where to write it")
-        sub.add_argument("--dtype", choices=list(DTYPES), help="convert every tensor to this dtype (default: keep)")
+        sub.add_argument("--dtype", choices=list(TORCH_DTYPES),
+                         help="convert every tensor to this dtype (default: keep)")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         return sub
 

@@ -18,7 +18,8 @@ from mm_plugin.convert import export
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.inputs import PartSource, clip_source, language_source, projector_source
 from mm_plugin.convert.llava_inputs import llava_source
-from mm_plugin.convert.pipeline import (DTYPES, Summary, atomic_directory, copy_file, output_file, parse_size,
+from mm_plugin.config.names import TORCH_DTYPES
+from mm_plugin.convert.pipeline import (Summary, atomic_directory, copy_file, output_file, parse_size,
                                         rebase, refuse_overwriting_inputs, write_planned, write_sharded)
 from mm_plugin.convert.plan import PartPlan, plan_part
 from mm_plugin.models.hf_keys import OUR_PREFIXES
@@ -32,9 +33,9 @@ PART_FILES = {"vision": "converted_clip", "projector": "mlp", "linear_projector"
 def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
-    if name not in DTYPES:
-        raise ConversionError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise ConversionError(f"dtype {name!r}: use one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def _plan(source: PartSource, dtype: Optional[str]) -> PartPlan:
@@ -97,7 +98,7 @@ def import_llava_hf(input: PathLike, output: PathLike, *, vision: Optional[PathL
             written.append(write_planned(staging / name, plan.tensors, fmt, progress))
             section = _section(config, part)
             section.ckpt_path = name
-            if written[-1].dtypes[0] in DTYPES:
+            if written[-1].dtypes[0] in TORCH_DTYPES:
                 section.params_dtype = written[-1].dtypes[0]
         write_text(staging / "model.json", json.dumps(to_mindspeed_json(config), indent=2) + "\n")
         for file in source.side_files:

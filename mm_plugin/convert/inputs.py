@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from mm_plugin.config.names import PROJECTOR
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.sources import (TensorStore, fields, open_hf_directory, open_safetensors, open_torch_file,
                                        open_weight_file)
@@ -270,8 +271,7 @@ def _legacy_language(files: list[Path], path: Path) -> PartSource:
 
 # Where a projector's tensors may sit, and in which layout; the first prefix found wins.
 _PROJECTOR_PREFIXES = (("model.mm_projector.", "llava"), ("mm_projector.", "llava"),
-                       ("model.multi_modal_projector.", "hf"), ("multi_modal_projector.", "hf"),
-                       ("encoder.", "megatron"))
+                       *((prefix, "hf") for prefix in PROJECTOR.hf_prefixes), ("encoder.", "megatron"))
 _PROJECTOR_LAYOUT_NAMES = {"llava": "original LLaVA", "hf": "Hugging Face LLaVA", "megatron": "Megatron-layout"}
 
 

@@ -15,13 +15,13 @@ from typing import Iterable, Iterator, Optional
 import torch
 from tqdm import tqdm
 
+from mm_plugin.config.names import TORCH_DTYPES
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.plan import Planned
 from mm_plugin.convert.writers import shard, shard_names, write_file, write_index
 from mm_plugin.safe_io import atomic_path
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclasses.dataclass

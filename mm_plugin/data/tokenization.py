@@ -28,13 +28,10 @@ import dataclasses
 import os
 from typing import Any, Optional, Protocol
 
+from ..config.names import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .errors import BadSample, DataError
 from .records import HUMAN, IMAGE_TAG, Record, Turn
 
-IMAGE_TOKEN_INDEX = -200
-"""Placeholder id of one image in ``input_ids``; the model expands it to the image's feature positions."""
-IGNORE_INDEX = -100
-"""Label of positions that are not trained."""
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

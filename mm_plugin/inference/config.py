@@ -28,14 +28,15 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-from mm_plugin.config.model import DTYPES, LlavaConfig, ModelConfigError, from_mindspeed_json
+from mm_plugin.config.model import LlavaConfig, ModelConfigError, from_mindspeed_json
+from mm_plugin.config.names import DTYPES, LANGUAGE, PROJECTOR, VISION
 from mm_plugin.data.config import ImagePreprocessConfig
 from mm_plugin.inference.prompts import TEMPLATES
 from mm_plugin.inference.sampling import GenerationConfig, GenerationConfigError
 
 logger = logging.getLogger(__name__)
 
-MODEL_FIELDS = ("model_id", "text_decoder", "image_encoder", "text_encoder", "video_encoder", "attention_backend")
+MODEL_FIELDS = ("model_id", LANGUAGE.json_key, "image_encoder", "text_encoder", "video_encoder", "attention_backend")
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
                 "float16": "fp16"}
 
@@ -120,8 +121,8 @@ def _parse_inference_config(raw: dict, base: Path, source: str) -> InferenceConf
 
 def _check_paths(source: str, model: LlavaConfig, tokenizer: str, processor: Optional[str]) -> None:
     """Every file and folder the config names exists; else one error listing all that do not."""
-    named = [(f"{name}.ckpt_path", part.ckpt_path) for name, part in
-             (("text_decoder", model.language), ("vision_encoder", model.vision), ("vision_projector", model.projector))]
+    named = [(f"{part.json_key}.ckpt_path", getattr(model, part.field).ckpt_path)
+             for part in (LANGUAGE, VISION, PROJECTOR)]
     named += [("tokenizer.from_pretrained", tokenizer), ("image_processer_path", processor)]
     missing = [f"{field} {path}" for field, path in named if path and not Path(path).exists()]
     if missing:
@@ -147,11 +148,11 @@ def model_config(raw: dict, source: str, resolve=None) -> LlavaConfig:
     """The model sections, as model.json; ``dtype`` (all parts) and the inference-only field
     ``text_decoder.is_encoder_decoder`` (must be false) applied here."""
     sections = {key: raw[key] for key in MODEL_FIELDS if key in raw}
-    if isinstance(sections.get("text_decoder"), dict):  # anything else: from_mindspeed_json names it
-        decoder = dict(sections["text_decoder"])
+    if isinstance(sections.get(LANGUAGE.json_key), dict):  # anything else: from_mindspeed_json names it
+        decoder = dict(sections[LANGUAGE.json_key])
         if decoder.pop("is_encoder_decoder", False) is not False:
             raise InferenceConfigError(f"{source}: text_decoder.is_encoder_decoder: LLaVA's decoder is decoder-only")
-        sections["text_decoder"] = decoder
+        sections[LANGUAGE.json_key] = decoder
     try:
         config = from_mindspeed_json(sections, source)
     except ModelConfigError as error:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from mm_plugin.config.model import IMAGE_TOKEN_INDEX
+from mm_plugin.config.names import IMAGE_TOKEN_INDEX
 from mm_plugin.inference.decoder import IncrementalDecoder
 from mm_plugin.inference.direct_layers import image_features
 from mm_plugin.inference.sampling import GenerationConfig, TokenSelector

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mm_plugin import device
 from mm_plugin.config.model import LlavaConfig, ModelConfigError
+from mm_plugin.config.names import PARTS
 from mm_plugin.parallel.world import join_world, set_model_parallel
 
 
@@ -30,8 +31,7 @@ def build_model(config: LlavaConfig):
     from mm_plugin.models.llava import LlavaModel
     from mm_plugin.models.loading import load_parts
 
-    missing = [name for name, part in (("text_decoder", config.language), ("vision_encoder", config.vision),
-                                       ("vision_projector", config.projector))
+    missing = [names.json_key for names in PARTS for part in (getattr(config, names.field),)
                if not part.ckpt_path and not (part is config.projector and part.projector_type == "identity")]
     if missing:
         raise ModelConfigError(f"{config.source}: {', '.join(missing)} need(s) ckpt_path for inference: a part "

@@ -27,20 +27,15 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-PARTS = ("vision", "projector", "language")
+from mm_plugin.config import names
 
-# Where each part's Hugging Face keys sit inside a LLaVA checkpoint. The first prefix is what
-# transformers 5 holds in memory; the others are file layouts from_pretrained also accepts
-# (the hub's llava-1.5-7b-hf, and files written by transformers' save_pretrained).
-HF_PREFIXES = {
-    "vision": ("model.vision_tower.", "vision_tower.vision_model.", "vision_tower."),
-    "projector": ("model.multi_modal_projector.", "multi_modal_projector."),
-    "language": ("model.language_model.", "language_model.model."),
-}
+PARTS = tuple(part.field for part in names.PARTS)
+HF_PREFIXES = {part.field: part.hf_prefixes for part in names.PARTS}
+"""Where each part's Hugging Face keys sit inside a LLaVA checkpoint (see ``config.names.Part``)."""
 # The language model's output layer lives outside its ``model.`` in a LlamaForCausalLM.
 HF_LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
-OUR_PREFIXES = {"vision": "vision_model.", "projector": "vision_projection.", "language": "language_model.",
-                "linear_projector": "vision_projection."}
+OUR_PREFIXES = {**{part.field: part.module_prefix for part in names.PARTS},
+                "linear_projector": names.PROJECTOR.module_prefix}
 
 # Source spellings that name the same tensor as a layout's table column: ModelLink's legacy norms, and
 # Megatron's ``--use-te`` layer norms fused into the following linear (TransformerEngine's LayerNormLinear).

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mm_plugin.config.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mm_plugin.config.names import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
 class ImageTokenError(ValueError):

@@ -21,11 +21,12 @@ from megatron.core.transformer.module import MegatronModule
 
 from mm_plugin import patches
 from mm_plugin.config.model import LlavaConfig
-from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
+from mm_plugin.config.names import PROJECTOR_MODEL_IDS, TORCH_DTYPES
 from mm_plugin.models.attention import SDPAttention
+from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
 from mm_plugin.models.packed_rows import attention_for_packed_rows, sample_positions, use_sample_positions
 from mm_plugin.models.specs import core_attention, language_layer_spec, projector_submodules, vision_layer_spec
-from mm_plugin.models.transformer_configs import TORCH_DTYPES, language_config, projector_config, vision_config
+from mm_plugin.models.transformer_configs import language_config, projector_config, vision_config
 from mm_plugin.models.vision import CLIPVisionTower
 
 
@@ -208,6 +209,6 @@ class LlavaModel(MegatronModule):
 def _build_projector(config: LlavaConfig, extra: dict) -> torch.nn.Module:
     if config.projector.projector_type == "identity":
         return torch.nn.Identity()
-    projector_type = {"mlp2x_gelu": "mlp", "linear": "affine"}[config.projector.projector_type]
+    projector_type = PROJECTOR_MODEL_IDS[config.projector.projector_type]
     return MultimodalProjector(projector_config(config, extra), projector_submodules(), projector_type,
                                input_size=config.vision.hidden_size)

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
                                           saved_model_config)
 from mm_plugin.config.model import LlavaConfig, ModelConfigError, from_mindspeed_json
+from mm_plugin.config.names import PARTS
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.sources import TensorSource
 
@@ -66,12 +67,9 @@ def select_built_vision_layers(state: Mapping[str, torch.Tensor], config: LlavaC
 
 # --- part files and training checkpoints -> a built (possibly TP/PP-sharded) model --------------
 
-PART_PREFIXES = (("vision_encoder", "vision_model."), ("vision_projector", "vision_projection."),
-                 ("text_decoder", "language_model."))
-
-
 def _parts(config: LlavaConfig):
-    return zip(PART_PREFIXES, (config.vision, config.projector, config.language))
+    """((model.json name, module prefix), its config) of each part."""
+    return (((part.json_key, part.module_prefix), getattr(config, part.field)) for part in PARTS)
 
 
 def check_part_paths(config: LlavaConfig, hint: str = "") -> None:

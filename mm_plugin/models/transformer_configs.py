@@ -14,13 +14,13 @@ from megatron.core.transformer import TransformerConfig
 
 from mm_plugin import device
 from mm_plugin.config.model import LanguageModelConfig, LlavaConfig, ModelConfigError, VisionEncoderConfig
+from mm_plugin.config.names import LANGUAGE, PROJECTOR, TORCH_DTYPES, VISION
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """CLIP's activation, x * sigmoid(1.702 x) (megatron-core 0.12 has none)."""
     return x * torch.sigmoid(1.702 * x)
 
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _common(params_dtype: str, tensor_parallel: int, overrides: dict, extra: dict) -> dict:
@@ -79,7 +79,7 @@ def language_config(config: LanguageModelConfig, extra: dict) -> TransformerConf
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=dtype,
     )
-    return _build(settings, "text_decoder")
+    return _build(settings, LANGUAGE.json_key)
 
 
 def vision_config(config: VisionEncoderConfig, extra: dict) -> TransformerConfig:
@@ -101,7 +101,7 @@ def vision_config(config: VisionEncoderConfig, extra: dict) -> TransformerConfig
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,  # the vision tower lives on the first pipeline stage
     )
-    return _build(settings, "vision_encoder")
+    return _build(settings, VISION.json_key)
 
 
 def projector_config(config: LlavaConfig, extra: dict) -> TransformerConfig:
@@ -120,7 +120,7 @@ def projector_config(config: LlavaConfig, extra: dict) -> TransformerConfig:
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
     )
-    return _build(settings, "vision_projector")
+    return _build(settings, PROJECTOR.json_key)
 
 
 def _without_pipeline_settings(extra: dict) -> dict:

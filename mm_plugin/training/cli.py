@@ -78,7 +78,7 @@ def run(argv: Optional[Sequence[str]] = None):
     from mm_plugin.training.loop import pretrain
 
     return pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
-                    providers.forward_step, args=args, stats=providers.stats, model_config=model_config)
+                    providers.forward_step, args=args, stats=providers.stats)
 
 
 def _run_megatron_lm(args, model_config, data_config, providers, model_type):

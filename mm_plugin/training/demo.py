@@ -38,6 +38,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from mm_plugin.config.names import LANGUAGE, PROJECTOR, VISION
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE, PATCH_SIZE = 56, 14
@@ -62,14 +64,13 @@ def model_json(vocab_size: int, *, language_ckpt: Optional[str], train_language:
         train_projector = not train_language
     return {
         "model_id": "llava",
-        "text_decoder": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                         "ffn_hidden_size": 160, "language_vocab_size": vocab_size,
-                         "language_max_sequence_length": max_sequence_length, "layernorm_epsilon": 1e-6,
-                         "params_dtype": "fp32",
-                         "freeze": not train_language, "ckpt_path": language_ckpt},
+        LANGUAGE.json_key: {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                            "ffn_hidden_size": 160, "language_vocab_size": vocab_size,
+                            "language_max_sequence_length": max_sequence_length, "layernorm_epsilon": 1e-6,
+                            "params_dtype": "fp32", "freeze": not train_language, "ckpt_path": language_ckpt},
         "image_encoder": {
-            "vision_encoder": _vision_config(),
-            "vision_projector": {"model_id": "mlp", "input_size": 64, "hidden_size": 64, "ffn_hidden_size": 64,
+            VISION.json_key: _vision_config(),
+            PROJECTOR.json_key: {"model_id": "mlp", "input_size": 64, "hidden_size": 64, "ffn_hidden_size": 64,
                                  "params_dtype": "fp32", "freeze": not train_projector, "ckpt_path": None},
         },
         "text_encoder": None, "video_encoder": None,
@@ -150,7 +151,7 @@ def export_language_model(checkpoint: Path, output: Path) -> None:
     join_world()
     set_model_parallel(1, 1)
     tensors = read_model_tensors(checkpoint)
-    prefix = "language_model."
+    prefix = LANGUAGE.module_prefix
     part = {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
     if not part:
         raise SystemExit(f"{checkpoint}: holds no language-model weights")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mm_plugin import device
+from mm_plugin.config.names import IMAGE_TOKEN_INDEX, PROJECTOR
 
 BATCH = 64
 
@@ -30,7 +31,7 @@ def _model(out: Path):
     config = load_model_config(str(out / "model.json"))
     model = LlavaModel(config)
     load_parts(model, config)
-    load_part_from_checkpoint(model, out / "checkpoints" / "stage1", "vision_projection.")
+    load_part_from_checkpoint(model, out / "checkpoints" / "stage1", PROJECTOR.module_prefix)
     return model.to(device.current()).eval()  # megatron builds its norms on the CPU
 
 
@@ -69,7 +70,7 @@ def _shuffled(batch):
 
 
 def _without_images(batch):
-    keep = batch["input_ids"] != -200
+    keep = batch["input_ids"] != IMAGE_TOKEN_INDEX
     width = int(keep.sum(dim=1).max())
     input_ids = torch.stack([row[mask][:width] for row, mask in zip(batch["input_ids"], keep)])
     labels = torch.stack([row[mask][:width] for row, mask in zip(batch["labels"], keep)])

@@ -171,9 +171,9 @@ def evaluate(forward_step_func, data_iterator, model, args) -> float:
 
 def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
              process_non_loss_data_func=None, extra_args_provider=None, args_defaults=None, *,
-             args: Optional[argparse.Namespace] = None, stats=None, model_config=None) -> TrainingResult:
-    """Megatron-LM's ``pretrain`` contract. ``args`` (already parsed), ``stats`` (the providers'
-    BatchStats, for the log line) and ``model_config`` (saved with checkpoints) are optional extras."""
+             args: Optional[argparse.Namespace] = None, stats=None) -> TrainingResult:
+    """Megatron-LM's ``pretrain`` contract. ``args`` (already parsed) and ``stats`` (the providers'
+    BatchStats, for the log line) are optional extras."""
     from mm_plugin.config.model import to_mindspeed_json
 
     args = args or parse_args(None, extra_args_provider, args_defaults)
@@ -182,7 +182,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     optimizer, scheduler = build_optimizer(model, args)
     wire_schedule(model, optimizer, args)
     unwrapped = unwrap(model)
-    config_json = to_mindspeed_json(model_config or unwrapped.llava_config)
+    config_json = to_mindspeed_json(unwrapped.llava_config)  # as built: this run's dtype
 
     iteration, consumed = 0, 0
     if args.load and holds_checkpoint(args.load):

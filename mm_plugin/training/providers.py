@@ -12,6 +12,7 @@ stock ``pretrain`` and ours (``mm_plugin.training.loop.pretrain``) can call them
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import logging
@@ -22,6 +23,7 @@ from megatron.core import parallel_state
 
 from mm_plugin import device
 from mm_plugin.config.model import LlavaConfig
+from mm_plugin.config.names import IMAGE_TOKEN_INDEX, PARTS
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.placement import unwrap
 
@@ -67,11 +69,12 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     if vp_stage is not None:
         raise NotImplementedError("virtual pipeline stages are not supported")
     dtype = run_dtype(args)
-    for part_name, part in (("vision_encoder", model_config.vision), ("vision_projector", model_config.projector),
-                            ("text_decoder", model_config.language)):
+    model_config = copy.deepcopy(model_config)  # this run's dtype; the caller's config stays as model.json says
+    for names in PARTS:
+        part = getattr(model_config, names.field)
         if part.params_dtype != dtype:
             logger.info("%s: params_dtype %s in %s; this run computes in %s (--bf16/--fp16 decide)",
-                        part_name, part.params_dtype, model_config.source, dtype)
+                        names.json_key, part.params_dtype, model_config.source, dtype)
         part.params_dtype = dtype
     extra = {"calculate_per_token_loss": args.calculate_per_token_loss}
     if args.recompute_granularity:
@@ -84,7 +87,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 def expanded_length(batch: dict, tokens_per_image: int) -> int:
     """Decoder positions of the batch's longest sample once its images are expanded."""
-    is_image = batch["input_ids"] == -200
+    is_image = batch["input_ids"] == IMAGE_TOKEN_INDEX
     return int((is_image.sum(dim=1) * (tokens_per_image - 1) + batch["input_ids"].shape[1]).max())
 
 
