@@ -21,6 +21,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from mm_plugin.checkpoint.manifest import MANIFEST, Verification, verify_manifest
+from mm_plugin.config.names import is_adapter
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -162,7 +163,15 @@ def load_model_weights(directory: Path, model, *, prefix: str = "", required: Op
                 "another model configuration"
             )
         wanted[name] = entry
+    built_with_adapters = any(is_adapter(name) for name in model.state_dict())
+    if not built_with_adapters and any(is_adapter(key) and key.startswith(prefix) for key in saved):
+        raise CheckpointError(f"{directory} holds LoRA adapters but this model has none: build it with the "
+                              "checkpoint's text_decoder.lora (or export the merged model with mm-convert export-hf "
+                              "--load and use that)")
     missing = sorted((required or set()) - set(wanted))
+    if missing and built_with_adapters and all(is_adapter(name) for name in missing):
+        raise CheckpointError(f"{directory} holds no LoRA adapters but this model is built with text_decoder.lora: "
+                              "to start LoRA from it, pass --finetune (the adapters then start fresh)")
     if missing:
         raise CheckpointError(
             f"{directory} lacks weights this run needs from it: {', '.join(missing[:5])}"

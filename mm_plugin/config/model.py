@@ -96,6 +96,26 @@ class ProjectorConfig:
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""The language model's linear layers an adapter can sit on: fused QKV, attention output, gate+up, down."""
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters on the language model's linear layers (``text_decoder.lora`` in model.json): each
+    target ``W`` computes ``W x + (alpha / rank) B A dropout(x)``, ``A`` random, ``B`` zero at the start; the
+    base weights stay frozen."""
+
+    rank: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass
 class LanguageModelConfig:
     """LLaMA / Vicuna decoder: RMSNorm, SwiGLU, RoPE, no biases, untied output layer."""
@@ -115,6 +135,8 @@ class LanguageModelConfig:
     params_dtype: str = "fp32"
     freeze: bool = True
     ckpt_path: Optional[str] = None
+    lora: Optional[LoraConfig] = None
+    """Train low-rank adapters instead of the weights themselves (which then stay frozen)."""
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
 
 
@@ -160,6 +182,16 @@ class LlavaConfig:
             )
         if self.attention_backend not in ("auto", "sdpa", "local"):
             raise ModelConfigError(f"{self.source}: attention_backend {self.attention_backend!r}: use auto, sdpa or local")
+        lora = self.language.lora
+        if lora is not None:
+            if self.language.freeze:
+                raise ModelConfigError(f"{self.source}: text_decoder.lora trains adapters of the language model, but "
+                                       "text_decoder.freeze is true; set it false (under LoRA the weights themselves "
+                                       "stay frozen)")
+            smallest = min(self.language.hidden_size, self.language.ffn_hidden_size)
+            if lora.rank > smallest:
+                raise ModelConfigError(f"{self.source}: text_decoder.lora.rank {lora.rank} exceeds the narrowest side of "
+                                       f"the layers it adapts ({smallest}); a low-rank adapter needs rank <= {smallest}")
         return self
 
     def to_dict(self) -> dict:
@@ -320,6 +352,28 @@ def _checked_override(field: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
+def lora_config(raw: Any, where: str) -> Optional[LoraConfig]:
+    """``text_decoder.lora`` (null: no adapters), each field checked."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{where} = {raw!r}: expected an object with rank, alpha, dropout, targets")
+    unknown = set(raw) - {field.name for field in dataclasses.fields(LoraConfig)}
+    if unknown:
+        raise ModelConfigError(f"{where}: unknown field(s) {sorted(unknown)}; use rank, alpha, dropout, targets")
+    lora = LoraConfig(**{**raw, "targets": tuple(raw.get("targets", LORA_TARGETS))})
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+        raise ModelConfigError(f"{where}.rank = {lora.rank!r}: a whole number of at least 1")
+    if isinstance(lora.alpha, bool) or not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha < math.inf:
+        raise ModelConfigError(f"{where}.alpha = {lora.alpha!r}: a positive number")
+    if isinstance(lora.dropout, bool) or not isinstance(lora.dropout, (int, float)) or not 0 <= lora.dropout < 1:
+        raise ModelConfigError(f"{where}.dropout = {lora.dropout!r}: a probability, at least 0 and below 1")
+    wrong = [target for target in lora.targets if target not in LORA_TARGETS]
+    if wrong or not lora.targets:
+        raise ModelConfigError(f"{where}.targets = {list(lora.targets)!r}: name layers among {list(LORA_TARGETS)}")
+    return lora
+
+
 def _fill_part(part: Any, part_name: str, raw: dict, source: str,
                transformer_fields: dict[str, dataclasses.Field]) -> None:
     own = {field.name for field in dataclasses.fields(part)} - {"transformer_overrides"}
@@ -345,6 +399,8 @@ def _fill_part(part: Any, part_name: str, raw: dict, source: str,
             part.projector_type = types[value]
         elif key in ("input_size", "hidden_size") and part_name == PROJECTOR.json_key:
             continue  # checked against the vision and language widths in _check_projector_widths
+        elif key == "lora" and part_name == LANGUAGE.json_key:
+            part.lora = lora_config(value, where)
         elif target in own:
             setattr(part, target, _checked(part, target, value, where))
         elif f"{key}@{part_name}" in _NO_EFFECT or key in _NO_EFFECT:
@@ -467,6 +523,7 @@ def to_mindspeed_json(config: LlavaConfig) -> dict:
             "rotary_base": language.rotary_base, "language_vocab_size": language.vocab_size,
             "language_max_sequence_length": language.max_sequence_length, "lm_position_embedding_type": "rope",
             "params_dtype": language.params_dtype, "freeze": language.freeze, "ckpt_path": language.ckpt_path,
+            "lora": dataclasses.asdict(language.lora) if language.lora else None,
             **language.transformer_overrides,
         },
         "image_encoder": {

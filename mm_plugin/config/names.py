@@ -42,3 +42,8 @@ PROJECTOR = Part("projector", "vision_projector", "vision_projection.",
                  ("model.multi_modal_projector.", "multi_modal_projector."))
 LANGUAGE = Part("language", "text_decoder", "language_model.", ("model.language_model.", "language_model.model."))
 PARTS = (VISION, PROJECTOR, LANGUAGE)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter (or checkpoint key) is a LoRA adapter's (``models.lora``)."""
+    return ".lora_A." in name or ".lora_B." in name

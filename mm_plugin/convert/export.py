@@ -12,12 +12,14 @@ from typing import Any, Mapping, Optional
 import torch
 
 from mm_plugin.config.model import LlavaConfig, from_hf_config
+from mm_plugin.config.names import is_adapter
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.pipeline import copy_file
 from mm_plugin.convert.plan import Planned, describe, plan_part
 from mm_plugin.convert.sources import Entry, TensorStore, in_memory, open_weight_file
 from mm_plugin.models.hf_keys import OUR_PREFIXES, canonical_key, hub_key, is_weight, part_dims, projector_part
 from mm_plugin.models.loading import vision_layers_in
+from mm_plugin.models.lora import merged_weight
 from mm_plugin.safe_io import write_text
 
 PARTS = ("vision", "projector", "language")
@@ -68,6 +70,9 @@ class ExportedModel:
             store = _part_store(part, section.ckpt_path, model_json, checkpoints)
             if section.ckpt_path:
                 inputs.append(section.ckpt_path)
+            if part == "language" and any(is_adapter(key) for key in overlay[part]):
+                overlay[part] = _merged_adapters(overlay[part], store, config, model_json, trained_from)
+                notes.append(f"the LoRA adapters of {trained_from} are merged into the language model's weights")
             if overlay[part]:
                 store = _overlaid(store, overlay[part], trained_from, OUR_PREFIXES[part])
             if not len(store):
@@ -117,6 +122,23 @@ def _split_trained(trained: Mapping[str, torch.Tensor], trained_from: str,
             tensor = tensor[:vocab]
         overlay[part][relative] = tensor
     return overlay, notes
+
+
+def _merged_adapters(trained: dict[str, torch.Tensor], base: TensorStore, config: LlavaConfig, model_json: Path,
+                     trained_from: str) -> dict[str, torch.Tensor]:
+    """The language model's trained tensors with each adapter folded into its target's weight (taken from the
+    trained tensors, else from the part file)."""
+    lora = config.language.lora
+    if lora is None:
+        raise ConversionError(f"{trained_from} holds LoRA adapters but {model_json} has no text_decoder.lora: pass "
+                              "the model.json the run was trained with (its scaling, alpha / rank, is needed)")
+    merged = {key: tensor for key, tensor in trained.items() if not is_adapter(key)}
+    for key in (key for key in trained if ".lora_A." in key):
+        target = key.replace(".lora_A.weight", ".weight")
+        weight = merged[target] if target in merged else base.read(target)
+        merged[target] = merged_weight(weight, trained[key], trained[key.replace(".lora_A.", ".lora_B.")],
+                                       lora.scaling)
+    return merged
 
 
 def _part_store(part: str, ckpt_path: Optional[str], model_json: Path, checkpoints: dict) -> TensorStore:

@@ -21,9 +21,10 @@ from megatron.core.transformer.module import MegatronModule
 
 from mm_plugin import patches
 from mm_plugin.config.model import LlavaConfig
-from mm_plugin.config.names import PROJECTOR_MODEL_IDS, TORCH_DTYPES
+from mm_plugin.config.names import PROJECTOR_MODEL_IDS, TORCH_DTYPES, is_adapter
 from mm_plugin.models.attention import SDPAttention
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
+from mm_plugin.models.lora import initialise_adapters
 from mm_plugin.models.packed_rows import attention_for_packed_rows, sample_positions, use_sample_positions
 from mm_plugin.models.specs import core_attention, language_layer_spec, projector_submodules, vision_layer_spec
 from mm_plugin.models.transformer_configs import language_config, projector_config, vision_config
@@ -92,7 +93,7 @@ class LlavaModel(MegatronModule):
             self.vision_projection = _build_projector(config, extra)
         self.language_model = GPTModel(
             config=language,
-            transformer_layer_spec=language_layer_spec(config.attention_backend),
+            transformer_layer_spec=language_layer_spec(config.attention_backend, config.language.lora),
             vocab_size=padded_vocab_size(self.vocab_size, parallel_state.get_tensor_model_parallel_world_size()),
             max_sequence_length=config.language.max_sequence_length,
             pre_process=pre_process,
@@ -103,6 +104,8 @@ class LlavaModel(MegatronModule):
             rotary_base=config.language.rotary_base,
         )
         use_sample_positions(self.language_model.rotary_pos_emb)  # for packed rows
+        if config.language.lora is not None:
+            initialise_adapters(self.language_model.decoder)
         self.cast_to_params_dtype()
         self.freeze()
 
@@ -118,10 +121,14 @@ class LlavaModel(MegatronModule):
 
     def freeze(self) -> None:
         """``requires_grad=False`` for every part whose config says ``freeze``: such parameters get
-        no gradient and megatron's DDP and optimizer leave them out."""
+        no gradient and megatron's DDP and optimizer leave them out. Under LoRA the language model's own
+        weights are frozen too, its adapters train."""
         for part, part_config in self._parts():
             if part_config.freeze:
                 part.requires_grad_(False)
+        if self.llava_config.language.lora is not None:
+            for name, parameter in self.language_model.named_parameters():
+                parameter.requires_grad_(is_adapter(name))
 
     def _parts(self):
         """``(module, its config)`` for each part this pipeline stage holds."""

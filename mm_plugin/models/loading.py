@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
                                           saved_model_config)
 from mm_plugin.config.model import LlavaConfig, ModelConfigError, from_mindspeed_json
-from mm_plugin.config.names import PARTS
+from mm_plugin.config.names import PARTS, is_adapter
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.sources import TensorSource
 
@@ -125,13 +125,13 @@ def load_parts(model, config: LlavaConfig) -> None:
             built = select_built_vision_layers(dict.fromkeys(source.keys()), config, str(path))
             source = _Subset(source, set(built))
         vocab = config.language.vocab_size if part is config.language else None
-        load_full_state_dict(model, source, prefix=prefix, vocab_size=vocab)
+        load_full_state_dict(model, source, prefix=prefix, vocab_size=vocab, allow_missing=is_adapter)
         logger.info("%s: loaded %s", part_name, path)
 
 
 def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
     """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model."""
-    needed = {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+    needed = {name for name, _ in model.named_parameters() if name.startswith(prefix) and not is_adapter(name)}
     with reading_checkpoint(directory) as (checkpoint, _):
         load_model_weights(checkpoint, model, prefix=prefix, required=needed)
     logger.info("%s: loaded from training checkpoint %s", prefix.rstrip("."), checkpoint)

@@ -7,6 +7,8 @@ core attention can be PyTorch SDPA (flash kernels without TransformerEngine).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -19,7 +21,9 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mm_plugin import device
+from mm_plugin.config.model import LoraConfig
 from mm_plugin.models.attention import SDPAttention
+from mm_plugin.models.lora import LoraColumnParallelLinear, LoraRowParallelLinear
 
 
 def core_attention(backend: str) -> type:
@@ -29,7 +33,16 @@ def core_attention(backend: str) -> type:
     return {"sdpa": SDPAttention, "local": DotProductAttention}[backend]
 
 
-def _layer_spec(mask_type: AttnMaskType, backend: str) -> ModuleSpec:
+def _linear(parallel: type, lora: Optional[LoraConfig], target: str):
+    """``parallel`` (a megatron parallel linear), with an adapter when ``lora`` targets ``target``."""
+    if lora is None or target not in lora.targets:
+        return parallel
+    if parallel is ColumnParallelLinear:
+        return ModuleSpec(module=LoraColumnParallelLinear, params={"lora": lora, "glu": target == "linear_fc1"})
+    return ModuleSpec(module=LoraRowParallelLinear, params={"lora": lora})
+
+
+def _layer_spec(mask_type: AttnMaskType, backend: str, lora: Optional[LoraConfig] = None) -> ModuleSpec:
     # WrappedTorchNorm builds LayerNorm or RMSNorm from config.normalization.
     return ModuleSpec(
         module=TransformerLayer,
@@ -39,25 +52,27 @@ def _layer_spec(mask_type: AttnMaskType, backend: str) -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=_linear(ColumnParallelLinear, lora, "linear_qkv"),
                     core_attention=core_attention(backend),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=_linear(RowParallelLinear, lora, "linear_proj"),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                               linear_fc2=RowParallelLinear)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=_linear(ColumnParallelLinear, lora, "linear_fc1"),
+                linear_fc2=_linear(RowParallelLinear, lora, "linear_fc2"))),
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def language_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """LLaMA decoder layer: RMSNorm (from the config), causal self-attention, SwiGLU MLP."""
-    return _layer_spec(AttnMaskType.causal, backend)
+def language_layer_spec(backend: str = "auto", lora: Optional[LoraConfig] = None) -> ModuleSpec:
+    """LLaMA decoder layer: RMSNorm (from the config), causal self-attention, SwiGLU MLP; ``lora``: adapters on
+    the linears it targets (``models.lora``)."""
+    return _layer_spec(AttnMaskType.causal, backend, lora)
 
 
 def vision_layer_spec(backend: str = "auto") -> ModuleSpec:

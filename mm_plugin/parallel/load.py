@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -32,7 +32,8 @@ class LoadResult:
 
 
 def load_full_state_dict(model: ModelChunks, source: SourceLike, *, prefix: str = "",
-                         vocab_size: Optional[int] = None, allow_missing: bool = False,
+                         vocab_size: Optional[int] = None,
+                         allow_missing: Union[bool, Callable[[str], bool]] = False,
                          allow_unexpected: bool = False) -> LoadResult:
     """Copy a full state dict into this rank's part of ``model``. Collective: every rank must call it.
 
@@ -44,7 +45,8 @@ def load_full_state_dict(model: ModelChunks, source: SourceLike, *, prefix: str 
               lack the prefix (a part file).
     vocab_size: the true vocabulary size; when given, vocabulary tables in the source must have exactly
               that many rows (otherwise any number up to the model's padded rows is accepted).
-    allow_missing: tensors the source lacks keep their values (e.g. load only the projector).
+    allow_missing: tensors the source lacks keep their values (e.g. load only the projector); a function of the
+              full key allows just the keys it accepts (a LoRA model's adapters, which no part file holds).
     allow_unexpected: source keys no rank uses are ignored.
 
     Build the optimizer after loading (or have it re-read the model's parameters): it keeps its own copies.
@@ -95,8 +97,9 @@ def _check(model, source: TensorSource, prefix, tp_size, vocab_size, allow_missi
     check.plan = [p for p in needed if p.full_key in available]
     check.problems = [problem for p in check.plan
                       if (problem := _shape_problem(p, source, tp_size, vocab_size)) is not None]
-    if not allow_missing:
-        check.problems += [f"{key}: missing from {source.name}" for key in check.missing]
+    if allow_missing is not True:
+        check.problems += [f"{key}: missing from {source.name}" for key in check.missing
+                           if not (allow_missing and allow_missing(key))]
     return check
 
 

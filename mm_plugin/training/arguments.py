@@ -135,6 +135,16 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     optim.add_argument("--lr-warmup-iters", type=NON_NEGATIVE, default=0)
     optim.add_argument("--lr-decay-iters", type=POSITIVE, default=None)
     optim.add_argument("--weight-decay", type=_real(), default=0.0)
+    optim.add_argument("--mm-projector-lr", type=_real(), default=None,
+                       help="the projector's peak learning rate (original LLaVA's mm_projector_lr; default --lr), "
+                            "its minimum scaled alike")
+
+    lora = parser.add_argument_group("LoRA (model.json text_decoder.lora; these override or create it)")
+    lora.add_argument("--lora-rank", type=POSITIVE, default=None)
+    lora.add_argument("--lora-alpha", type=_real(), default=None)
+    lora.add_argument("--lora-dropout", type=_real(0.0, 1.0, high_open=True), default=None)
+    lora.add_argument("--lora-targets", nargs="+", default=None,
+                      help="of linear_qkv linear_proj linear_fc1 linear_fc2 (default all four)")
     optim.add_argument("--clip-grad", type=_real(), default=1.0, help="0 turns clipping off")
     optim.add_argument("--adam-beta1", type=_real(0.0, 1.0, high_open=True), default=0.9)
     optim.add_argument("--adam-beta2", type=_real(0.0, 1.0, high_open=True), default=0.999)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import inspect
 import logging
 import math
@@ -82,7 +83,7 @@ def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
         loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, [model], **_projector_lr(config, args))
     # Schedules in samples, as Megatron-LM: warmup/decay lengths times the global batch.
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup_iters = args.lr_warmup_iters
@@ -94,6 +95,24 @@ def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=decay_iters * args.global_batch_size, wd_incr_style="constant")
     return optimizer, scheduler
+
+
+def _projector_lr(config: OptimizerConfig, args: argparse.Namespace) -> dict:
+    """``get_megatron_optimizer``'s arguments that give the projector ``--mm-projector-lr`` (its minimum scaled
+    alike): megatron-core 0.16 takes per-group overrides, 0.12 a learning-rate multiplier."""
+    if args.mm_projector_lr is None:
+        return {}
+    is_projector = "*vision_projection.*"
+    if "config_overrides" in inspect.signature(get_megatron_optimizer).parameters:
+        from megatron.core.optimizer import get_standard_config_overrides
+        from megatron.core.optimizer.optimizer_config import ParamKey
+
+        overrides = get_standard_config_overrides(config)
+        overrides[ParamKey(name=is_projector)] = {"max_lr": args.mm_projector_lr,
+                                                  "min_lr": args.min_lr * args.mm_projector_lr / args.lr}
+        return {"config_overrides": overrides}
+    return {"scale_lr_cond": lambda name, parameter: fnmatch.fnmatch(name, is_projector),
+            "lr_mult": args.mm_projector_lr / args.lr}
 
 
 def wire_schedule(model: DistributedDataParallel, optimizer, args) -> None:

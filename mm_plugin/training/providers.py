@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from mm_plugin import device
-from mm_plugin.config.model import LlavaConfig
+from mm_plugin.config.model import LlavaConfig, lora_config
 from mm_plugin.config.names import IMAGE_TOKEN_INDEX, PARTS
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.placement import unwrap
@@ -69,7 +69,14 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     if vp_stage is not None:
         raise NotImplementedError("virtual pipeline stages are not supported")
     dtype = run_dtype(args)
-    model_config = copy.deepcopy(model_config)  # this run's dtype; the caller's config stays as model.json says
+    model_config = copy.deepcopy(model_config)  # this run's; the caller's config stays as model.json says
+    flags = {field: value for field, value in (("rank", args.lora_rank), ("alpha", args.lora_alpha),
+                                               ("dropout", args.lora_dropout), ("targets", args.lora_targets))
+             if value is not None}
+    if flags:
+        given = dataclasses.asdict(model_config.language.lora) if model_config.language.lora else {}
+        model_config.language.lora = lora_config({**given, **flags}, f"{model_config.source} with --lora-* flags")
+        model_config.validate()
     for names in PARTS:
         part = getattr(model_config, names.field)
         if part.params_dtype != dtype:
