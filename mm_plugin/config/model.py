@@ -190,8 +190,9 @@ class LlavaConfig:
                                        "stay frozen)")
             smallest = min(self.language.hidden_size, self.language.ffn_hidden_size)
             if lora.rank > smallest:
-                raise ModelConfigError(f"{self.source}: text_decoder.lora.rank {lora.rank} exceeds the narrowest side of "
-                                       f"the layers it adapts ({smallest}); a low-rank adapter needs rank <= {smallest}")
+                raise ModelConfigError(f"{self.source}: text_decoder.lora.rank {lora.rank} exceeds the narrowest side "
+                                       f"of the layers it adapts ({smallest}); a low-rank adapter needs rank <= "
+                                       f"{smallest}")
         return self
 
     def to_dict(self) -> dict:
