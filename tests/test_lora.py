@@ -174,3 +174,20 @@ def test_export_merges_the_adapters_with_the_same_logits(megatron_single, tmp_pa
         assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max(), row
     original, _ = hf_reference(fixtures.hf_model("gqa"), batch)
     assert (original[0] - reference_logits[0]).abs().max() > 1e-3  # the adapters changed what it computes
+
+
+def test_an_unmerged_lora_checkpoint_loads_as_a_part_and_answers_as_the_trained_model(megatron_single, setup, tmp_path):
+    """text_decoder.ckpt_path may name the LoRA run's checkpoint: its adapters load, the frozen weights come from
+    the part file the run was trained from, and the model computes what the trained one did."""
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.models.loading import load_parts
+
+    _, _, trained = train(_argv(setup, iterations=3, extra=("--save", str(tmp_path / "ckpt"))))
+    config = load_model_config(str(setup / "lora.json"))
+    config.language.ckpt_path = config.projector.ckpt_path = str(tmp_path / "ckpt")
+    model = LlavaModel(config, extra={"perform_initialization": False})
+    load_parts(model, config)
+    loaded = dict(model.named_parameters())
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[name], loaded[name].detach()) for name in trained)

@@ -4,11 +4,15 @@
 #   bash examples/llava1.5/finetune_llava1_5.sh            # the real run: edit model_finetune.json / data_finetune.json
 #   bash examples/llava1.5/finetune_llava1_5.sh --demo     # the demo's stage 2 on a CPU (runs stage 1's demo first
 #                                                          # when it is missing), then answers held-out questions
+#   LORA=1 bash examples/llava1.5/finetune_llava1_5.sh     # LoRA instead (finetune_lora_llava1_5.sh)
 #
 # The recipe is LLaVA-1.5's (scripts/v1_5/finetune.sh): lr 2e-5, cosine decay, 3% warmup, weight decay 0, global
 # batch 128, 2048 positions, bf16, one epoch of llava_v1_5_mix665k.json (665,298 records = 5,198 iterations),
 # images padded to square, batches grouped by modality and length; it starts from stage 1's projector
 # (--load STAGE1 --finetune) and the converted Vicuna-7B. What fits 8 GPUs of 80 GB and why: docs/finetune.md.
+#
+# LORA=1 is LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh): adapters of rank 128, alpha 256, dropout
+# 0.05 on every linear of the language model, whose weights stay frozen; lr 2e-4, the projector at 2e-5.
 #
 # Sequence packing is on (PACKING=0 turns it off): each step's 128 samples are packed into rows of 2048
 # positions, samples never attending to each other; the loss is then normalised per trained token over the
@@ -32,6 +36,12 @@ if [ "${1:-}" = "--demo" ]; then
     DEMO_NPROC=${DEMO_NPROC:-2}
     DEMO_SEED=${DEMO_SEED:-0}
     OUT=${DEMO_DIR:-demo_out}
+    if [ "${LORA:-0}" = 1 ]; then
+        # The demo's language model learned language from captions only: the answers' words ("The shape is ...")
+        # are rows of its output layer it never trained, which LoRA keeps frozen. Vicuna knows its words.
+        echo "the LoRA demo is not there yet: the demo's language model never learned the answers' words" >&2
+        exit 2
+    fi
     if [ ! -d "$OUT/checkpoints/stage1" ]; then
         echo "== no stage-1 demo in $OUT: running it first"
         bash examples/llava1.5/pretrain_llava1_5.sh --demo
@@ -57,8 +67,13 @@ GBS=128
 MM_MODEL=examples/llava1.5/model_finetune.json   # converted_clip.pt + converted_vicuna.pt, language model trains
 MM_DATA=examples/llava1.5/data_finetune.json     # llava_v1_5_mix665k.json + coco/ gqa/ ocr_vqa/ textvqa/ vg/
 STAGE1=${STAGE1:-checkpoints/llava1.5-7b-stage1}
-SAVE_PATH=${SAVE_PATH:-checkpoints/llava1.5-7b-stage2}
 PACKING_ARGS=$([ "${PACKING:-1}" = 1 ] && echo "--sequence-packing" || true)
+SAVE_PATH=${SAVE_PATH:-checkpoints/llava1.5-7b-stage2}
+LR_ARGS="--lr 2e-5"
+if [ "${LORA:-0}" = 1 ]; then
+    SAVE_PATH=${SAVE_PATH/%-stage2/-stage2-lora}  # the default's own folder; a SAVE_PATH you set is kept
+    LR_ARGS="--lr 2e-4 --mm-projector-lr 2e-5 --lora-rank 128 --lora-alpha 256 --lora-dropout 0.05"
+fi
 
 DISTRIBUTED_ARGS="--nproc_per_node $GPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
@@ -70,7 +85,7 @@ GPT_ARGS="
     --micro-batch-size $MBS \
     --global-batch-size $GBS \
     --seq-length 2048 \
-    --lr 2e-5 \
+    $LR_ARGS \
     --lr-decay-style cosine \
     --lr-warmup-fraction 0.03 \
     --weight-decay 0.0 \

@@ -21,6 +21,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from mm_plugin.checkpoint.manifest import MANIFEST, Verification, verify_manifest
+from mm_plugin.config.model import LlavaConfig, from_mindspeed_json
 from mm_plugin.config.names import is_adapter
 from mm_plugin.safe_io import UnsafeFileError, WeightFileError, check_dist_checkpoint
 
@@ -208,3 +209,10 @@ def saved_model_config(directory: Path, common: dict) -> dict:
                               "mm_plugin's loop nor by Megatron-LM's pretrain() through launch/pretrain.py, so "
                               "which model its weights belong to is unknown")
     return config
+
+
+def trained_model_config(path: str | Path) -> LlavaConfig:
+    """The model configuration a checkpoint (``SAVE`` or ``iter_N``) was trained with, as saved in it."""
+    with reading_checkpoint(path) as (directory, _):
+        return from_mindspeed_json(saved_model_config(directory, common_state(directory)),
+                                   source=f"{directory} (saved model config)")

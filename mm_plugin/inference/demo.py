@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from mm_plugin.checkpoint.reading import trained_model_config
 from mm_plugin.config.model import load_model_config
 from mm_plugin.data.config import load_data_config
 from mm_plugin.inference.config import InferenceConfig, InferenceConfigError, Query
@@ -38,9 +39,10 @@ def demo_config(out: Path, queries: int = 8, stage: Optional[int] = None) -> Inf
             raise InferenceConfigError(f"{needed} does not exist: run `{DEMO_COMMANDS[stage]}` first (it writes "
                                        f"{out}; DEMO_DIR=... chooses another folder)")
     model = load_model_config(str(model_json))
-    model.projector.ckpt_path = str(checkpoint)
-    if stage == 2:
+    if stage == 2:  # as trained (a LoRA run's adapters come with flags): the configuration saved with it
+        model = trained_model_config(checkpoint)
         model.language.ckpt_path = str(checkpoint)
+    model.projector.ckpt_path = str(checkpoint)
     data = load_data_config(heldout)
     records = [record for record in json.loads(Path(data.data_path).read_text()) if "image" in record][:queries]
     if stage == 1:

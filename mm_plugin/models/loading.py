@@ -16,10 +16,11 @@ import torch
 from megatron.core import parallel_state
 
 from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
-                                          saved_model_config)
-from mm_plugin.config.model import LlavaConfig, ModelConfigError, from_mindspeed_json
-from mm_plugin.config.names import PARTS, is_adapter
+                                          saved_model_config, trained_model_config)
+from mm_plugin.config.model import LlavaConfig, ModelConfigError
+from mm_plugin.config.names import LANGUAGE, PARTS, is_adapter
 from mm_plugin.models.llava import LlavaModel
+from mm_plugin.parallel import load_full_state_dict
 from mm_plugin.parallel.sources import TensorSource
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ def load_parts(model, config: LlavaConfig) -> None:
     through dist_checkpointing (resharded to this run's layout). Parts without ``ckpt_path`` keep their
     initialisation (a warning for frozen ones: they will never learn).
     """
-    from mm_plugin.parallel import load_full_state_dict
     from mm_plugin.parallel.sources import open_source
 
     check_part_paths(config)
@@ -130,10 +130,26 @@ def load_parts(model, config: LlavaConfig) -> None:
 
 
 def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
-    """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model."""
+    """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model.
+
+    A LoRA run's checkpoint holds the language model's adapters, not its frozen weights: those then come from
+    the part file the run was built from (the ``text_decoder.ckpt_path`` saved in the checkpoint), so that a
+    model.json can point at the checkpoint alone, as for any other trained part."""
+    adapters = any(is_adapter(name) for name, _ in model.named_parameters() if name.startswith(prefix))
     needed = {name for name, _ in model.named_parameters() if name.startswith(prefix) and not is_adapter(name)}
     with reading_checkpoint(directory) as (checkpoint, _):
-        load_model_weights(checkpoint, model, prefix=prefix, required=needed)
+        if prefix != LANGUAGE.module_prefix or not adapters:
+            load_model_weights(checkpoint, model, prefix=prefix, required=needed)
+        elif needed - set(load_model_weights(checkpoint, model, prefix=prefix)):
+            base = saved_model_config(checkpoint, common_state(checkpoint))[LANGUAGE.json_key].get("ckpt_path")
+            if not base or not Path(base).is_file():
+                raise CheckpointError(f"{checkpoint} holds the language model's LoRA adapters, not its weights, and "
+                                      f"the base part file it was trained from ({base}) is not there; restore it, "
+                                      "or export the merged model with mm-convert export-hf --load")
+            load_full_state_dict(model, base, prefix=prefix, vocab_size=model.llava_config.language.vocab_size,
+                                 allow_missing=is_adapter)
+            logger.info("%s: frozen weights from %s, the part file %s was trained from", prefix.rstrip("."),
+                        base, checkpoint)
     logger.info("%s: loaded from training checkpoint %s", prefix.rstrip("."), checkpoint)
 
 
@@ -147,9 +163,8 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise CheckpointError("read_model_tensors runs at tensor- and pipeline-parallel size 1")
+    config = trained_model_config(path)
     with reading_checkpoint(path) as (directory, _):
-        config = from_mindspeed_json(saved_model_config(directory, common_state(directory)),
-                                     source=f"{directory} (saved model config)")
         model = LlavaModel(config, extra={"perform_initialization": False})
         names = set(load_model_weights(directory, model))
     tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
