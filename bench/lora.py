@@ -55,17 +55,18 @@ def run(mode: str, args, folder: Path) -> dict:
     providers = bind(run_args, load_model_config(run_args.mm_model), load_data_config(run_args.mm_data))
     loop.initialize(run_args)
     model = loop.build_model(providers.model_provider, ModelType.encoder_or_decoder, run_args)
-    optimizer, scheduler = loop.build_optimizer(model, run_args)
+    optimizer, scheduler = loop.build_optimizer(model, run_args, providers.settings)
     loop.wire_schedule(model, optimizer, run_args)
     train, _, _ = providers.datasets_provider([0, 0, 0])
     model.train()
-    loop.train_step(providers.forward_step, train, model, optimizer, scheduler, run_args)  # warm-up
+    step = (providers.forward_step, train, model, optimizer, scheduler, run_args, providers.settings)
+    loop.train_step(*step)  # warm-up
     if torch.cuda.is_available() and args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
-        loop.train_step(providers.forward_step, train, model, optimizer, scheduler, run_args)
+        loop.train_step(*step)
     if args.device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

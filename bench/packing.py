@@ -101,7 +101,7 @@ def run_epoch(mode: str, args, folder: Path, model_path: Path, initial: dict) ->
     loop.initialize(run_args)
     model = loop.build_model(providers.model_provider, ModelType.encoder_or_decoder, run_args)
     unwrap(model).load_state_dict(initial)
-    optimizer, scheduler = loop.build_optimizer(model, run_args)
+    optimizer, scheduler = loop.build_optimizer(model, run_args, providers.settings)
     loop.wire_schedule(model, optimizer, run_args)
     train, _, _ = providers.datasets_provider([steps * args.global_batch, 0, 0])
 
@@ -118,7 +118,8 @@ def run_epoch(mode: str, args, folder: Path, model_path: Path, initial: dict) ->
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        loss, _, _ = loop.train_step(forward_step, train, model, optimizer, scheduler, run_args)
+        loss, _, _ = loop.train_step(forward_step, train, model, optimizer, scheduler, run_args,
+                                     providers.settings)
         losses.append(float(loss))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "trained_tokens": counted["trained"], "positions": counted["positions"],

@@ -98,7 +98,7 @@ def test_the_projector_learning_rate_is_its_own(megatron_single, setup):
     providers = bind(args, load_model_config(args.mm_model), load_data_config(args.mm_data))
     loop.initialize(args)
     model = loop.build_model(providers.model_provider, ModelType.encoder_or_decoder, args)
-    optimizer, _ = loop.build_optimizer(model, args)
+    optimizer, _ = loop.build_optimizer(model, args, providers.settings)
     for group in optimizer.param_groups:
         names = {name for name, parameter in model.named_parameters() if any(parameter is p for p in group["params"])}
         if names:

@@ -495,3 +495,26 @@ def test_replaced_records_are_counted_in_the_log(megatron_single, setup, tmp_pat
     replaced = [line["bad_samples"] for line in lines]
     assert len(lines) == 3 and all(set(counts) <= {"missing_image"} for counts in replaced)
     assert sum(counts.get("missing_image", 0) for counts in replaced) > 0
+
+
+def test_validation_and_the_model_provider_change_neither_the_flags_nor_the_model_config(megatron_single, setup):
+    """What validation decides is a RunSettings of its own; the parsed flags and the shared model config stay as
+    given (the provider builds this run's dtype and adapters into a copy)."""
+    import copy
+
+    from mm_plugin.config.model import load_model_config
+    from mm_plugin.data.config import load_data_config
+    from mm_plugin.training.arguments import parse_args
+    from mm_plugin.training.providers import bind
+
+    args = parse_args(argv(setup, model="stage2.json", extra=("--train-samples", "10", "--bf16", "--lora-rank", "4")))
+    args.train_iters = None
+    flags = copy.deepcopy(vars(args))
+    model_config = load_model_config(args.mm_model)
+    shared = copy.deepcopy(model_config)
+    providers = bind(args, model_config, load_data_config(args.mm_data))
+    model = providers.model_provider()
+    assert vars(args) == flags and model_config == shared
+    assert providers.settings.train_iters == 3 and providers.settings.global_batch_size == 4
+    assert providers.settings.num_microbatches == 2 and not providers.settings.sequence_packing
+    assert model.llava_config.language.params_dtype == "bf16" and model.llava_config.language.lora.rank == 4

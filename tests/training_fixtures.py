@@ -97,7 +97,8 @@ def train(arguments: list[str], forward_step_wrapper=None, after=None):
     forward_step = providers.forward_step if forward_step_wrapper is None else forward_step_wrapper(
         providers.forward_step)
     result = pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
-                      forward_step, args=args, stats=providers.stats)
+                      forward_step, args=args, stats=providers.stats,
+                      settings=providers.settings)
     from mm_plugin.parallel.placement import unwrap
 
     if after is not None:

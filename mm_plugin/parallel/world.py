@@ -31,6 +31,13 @@ Megatron-LM's default. Raise it (``--distributed-timeout-minutes``) when a legit
 rank writing a very large checkpoint to a slow file system while the others wait at the barrier."""
 
 
+def world_size() -> int:
+    """The world's size, before or after joining it: torchrun's ``WORLD_SIZE``, else a world of one."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
 def join_world(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> int:
     """Join (or make) the process group; returns the world size."""
     if not torch.distributed.is_initialized():

@@ -10,6 +10,7 @@ before anything is built.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 from typing import Callable, Optional, Sequence
@@ -216,8 +217,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, extra_args_provider: Option
     return args
 
 
-def validate(args: argparse.Namespace, world_size: int) -> None:
-    """Batch arithmetic and flag combinations, checked before any model is built."""
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What validation decides from the flags, which themselves stay as parsed."""
+
+    data_parallel_size: int
+    global_batch_size: int
+    """Samples per step: ``--global-batch-size``, else micro-batch size x data-parallel size."""
+    num_microbatches: int
+    """Micro-batches per step and rank (a packed step has as many as its rows need)."""
+    train_iters: int
+    """``--train-iters``, or ``--train-samples`` in whole steps."""
+    sequence_packing: bool
+    """``--sequence-packing`` or data.json's ``sequence_packing``."""
+    per_token_loss: bool
+    """``--calculate-per-token-loss``, which packing turns on."""
+
+
+def validate(args: argparse.Namespace, world_size: int, *, packing_in_data: bool = False) -> RunSettings:
+    """Batch arithmetic and flag combinations, checked before any model is built; ``packing_in_data``: data.json
+    asks for sequence packing."""
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if world_size % model_parallel:
         raise ArgumentError(
@@ -225,12 +244,11 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             f"pipeline-parallel {args.pipeline_model_parallel_size} groups"
         )
     data_parallel = world_size // model_parallel
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * data_parallel
     per_step = args.micro_batch_size * data_parallel
-    if args.global_batch_size % per_step:
+    global_batch = args.global_batch_size if args.global_batch_size is not None else per_step
+    if global_batch % per_step:
         raise ArgumentError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"--global-batch-size {global_batch} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {data_parallel} = {per_step}"
         )
     if args.context_parallel_size != 1:
@@ -241,11 +259,10 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError("--bf16 and --fp16 exclude each other")
     if (args.train_iters is None) == (args.train_samples is None):
         raise ArgumentError("give exactly one of --train-iters and --train-samples")
-    if args.train_samples is not None:
-        args.train_iters = -(-args.train_samples // args.global_batch_size)
+    train_iters = args.train_iters if args.train_samples is None else -(-args.train_samples // global_batch)
     if args.save_interval and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
-    decay = args.lr_decay_iters or args.train_iters
+    decay = args.lr_decay_iters or train_iters
     warmup = int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None else args.lr_warmup_iters
     if warmup >= decay:  # megatron-core's scheduler asserts it
         raise ArgumentError(f"the learning-rate warm-up ({warmup} iterations, --lr-warmup-iters or "
@@ -253,5 +270,12 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
                             "--lr-decay-iters, else --train-iters)")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
-    args.data_parallel_size = data_parallel
-    args.num_microbatches = args.global_batch_size // per_step
+    packing = args.sequence_packing or packing_in_data
+    if packing_in_data and not args.sequence_packing:
+        logger.info("%s: sequence_packing is on (dataloader_param)", args.mm_data)
+    if packing and not args.calculate_per_token_loss:
+        logger.info("sequence packing: the loss is normalised per trained token over the global batch "
+                    "(--calculate-per-token-loss), so that packing changes no number")
+    return RunSettings(data_parallel_size=data_parallel, global_batch_size=global_batch,
+                       num_microbatches=global_batch // per_step, train_iters=train_iters, sequence_packing=packing,
+                       per_token_loss=args.calculate_per_token_loss or packing)

@@ -78,7 +78,7 @@ def run(argv: Optional[Sequence[str]] = None):
     from mm_plugin.training.loop import pretrain
 
     return pretrain(providers.datasets_provider, providers.model_provider, ModelType.encoder_or_decoder,
-                    providers.forward_step, args=args, stats=providers.stats)
+                    providers.forward_step, args=args, stats=providers.stats, settings=providers.settings)
 
 
 def _run_megatron_lm(args, model_config, data_config, providers, model_type):
@@ -89,7 +89,7 @@ def _run_megatron_lm(args, model_config, data_config, providers, model_type):
     from mm_plugin.data.errors import DataError
     from mm_plugin.training.arguments import ArgumentError, build_parser
 
-    if args.sequence_packing:
+    if providers.settings.sequence_packing:
         raise ArgumentError("sequence packing runs in mm_plugin's own loop: a packed step has as many micro-batches "
                             "as its rows need, and Megatron-LM's pretrain() takes a fixed number; take Megatron-LM "
                             "off PYTHONPATH, or turn packing off")

@@ -28,10 +28,10 @@ from megatron.core.transformer.module import Float16Module
 
 from mm_plugin import device
 from mm_plugin.parallel.placement import unwrap
-from mm_plugin.parallel.world import join_world, set_model_parallel
+from mm_plugin.parallel.world import join_world, set_model_parallel, world_size
 from mm_plugin.checkpoint.reading import holds_checkpoint, iteration_dir, latest_iteration
 from mm_plugin.training import checkpointing
-from mm_plugin.training.arguments import parse_args, validate
+from mm_plugin.training.arguments import RunSettings, parse_args, validate
 from mm_plugin.training.metrics import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class TrainingResult:
 
 def initialize(args: argparse.Namespace) -> None:
     """Process group on the active device, megatron's TP/PP/DP groups, seeds."""
-    validate(args, join_world(args.distributed_timeout_minutes))
+    join_world(args.distributed_timeout_minutes)
     set_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                        args.distributed_timeout_minutes)
 
@@ -73,7 +73,7 @@ def build_model(model_provider: Callable, model_type, args: argparse.Namespace) 
     return DistributedDataParallel(model.config, ddp_config, model)
 
 
-def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
+def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace, settings: RunSettings):
     config = OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
@@ -85,15 +85,16 @@ def build_optimizer(model: DistributedDataParallel, args: argparse.Namespace):
     )
     optimizer = get_megatron_optimizer(config, [model], **_projector_lr(config, args))
     # Schedules in samples, as Megatron-LM: warmup/decay lengths times the global batch.
-    decay_iters = args.lr_decay_iters or args.train_iters
+    decay_iters = args.lr_decay_iters or settings.train_iters
     warmup_iters = args.lr_warmup_iters
     if args.lr_warmup_fraction is not None:
         warmup_iters = int(args.lr_warmup_fraction * decay_iters)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=warmup_iters * args.global_batch_size, lr_decay_steps=decay_iters * args.global_batch_size,
+        lr_warmup_steps=warmup_iters * settings.global_batch_size,
+        lr_decay_steps=decay_iters * settings.global_batch_size,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=decay_iters * args.global_batch_size, wd_incr_style="constant")
+        wd_incr_steps=decay_iters * settings.global_batch_size, wd_incr_style="constant")
     return optimizer, scheduler
 
 
@@ -152,12 +153,12 @@ def _gradients_finite(model: DistributedDataParallel) -> bool:
     return bool(flag.item())
 
 
-def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args):
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args, settings: RunSettings):
     """Returns (loss, grad_norm or None, updated: bool)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    num_microbatches = args.num_microbatches
-    if args.sequence_packing:  # one item per step: this rank's packed micro-batches, as many as it needs
+    num_microbatches = settings.num_microbatches
+    if settings.sequence_packing:  # one item per step: this rank's packed micro-batches, as many as it needs
         step = next(data_iterator)
         data_iterator, num_microbatches = iter(step), len(step)
     losses = get_forward_backward_func()(
@@ -170,7 +171,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
         return loss, None, False
     updated, grad_norm, _ = optimizer.step()
     if updated:
-        scheduler.step(increment=args.global_batch_size)
+        scheduler.step(increment=settings.global_batch_size)
     return loss, grad_norm, bool(updated)
 
 
@@ -190,15 +191,17 @@ def evaluate(forward_step_func, data_iterator, model, args) -> float:
 
 def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
              process_non_loss_data_func=None, extra_args_provider=None, args_defaults=None, *,
-             args: Optional[argparse.Namespace] = None, stats=None) -> TrainingResult:
-    """Megatron-LM's ``pretrain`` contract. ``args`` (already parsed) and ``stats`` (the providers'
-    BatchStats, for the log line) are optional extras."""
+             args: Optional[argparse.Namespace] = None, stats=None,
+             settings: Optional[RunSettings] = None) -> TrainingResult:
+    """Megatron-LM's ``pretrain`` contract. ``args`` (already parsed), ``stats`` (the providers' BatchStats, for
+    the log line) and ``settings`` (the providers', what validation decided) are optional extras."""
     from mm_plugin.config.model import to_mindspeed_json
 
     args = args or parse_args(None, extra_args_provider, args_defaults)
+    settings = settings or validate(args, world_size())
     initialize(args)
     model = build_model(model_provider, model_type, args)
-    optimizer, scheduler = build_optimizer(model, args)
+    optimizer, scheduler = build_optimizer(model, args, settings)
     wire_schedule(model, optimizer, args)
     unwrapped = unwrap(model)
     config_json = to_mindspeed_json(unwrapped.llava_config)  # as built: this run's dtype
@@ -212,20 +215,21 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
         logger.warning("--load %s holds no checkpoint yet: starting from the part files", args.load)
 
     provider_parameters = inspect.signature(train_valid_test_dataset_provider).parameters
-    samples = [args.train_iters * args.global_batch_size, args.eval_batches * args.global_batch_size, 0]
+    samples = [settings.train_iters * settings.global_batch_size, args.eval_batches * settings.global_batch_size, 0]
     if "consumed_samples" in provider_parameters:
         train_data, valid_data, _ = train_valid_test_dataset_provider(samples, consumed_samples=consumed)
     else:
         train_data, valid_data, _ = train_valid_test_dataset_provider(samples)
 
-    metrics = MetricsLogger(args, unwrapped.llava_config, stats)
+    metrics = MetricsLogger(args, settings.train_iters, unwrapped.llava_config, stats)
     result = TrainingResult(iteration, consumed, [], 0, model)
     skipped_in_a_row = 0
     model.train()
-    while iteration < args.train_iters:
-        loss, grad_norm, updated = train_step(forward_step_func, train_data, model, optimizer, scheduler, args)
+    while iteration < settings.train_iters:
+        loss, grad_norm, updated = train_step(forward_step_func, train_data, model, optimizer, scheduler, args,
+                                              settings)
         iteration += 1
-        consumed += args.global_batch_size
+        consumed += settings.global_batch_size
         result.losses.append((iteration, float(loss)))
         if updated:
             skipped_in_a_row = 0

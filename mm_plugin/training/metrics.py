@@ -34,8 +34,8 @@ def _device_name() -> str:
 
 
 class MetricsLogger:
-    def __init__(self, args, model_config, stats):
-        self.args, self.model_config, self.stats = args, model_config, stats
+    def __init__(self, args, train_iters: int, model_config, stats):
+        self.args, self.train_iters, self.model_config, self.stats = args, train_iters, model_config, stats
         self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.peak = peak_tflops(_device_name(), args.peak_tflops)
         self.window_start, self.window_iterations, self.window_paused = time.perf_counter(), 0, 0.0
@@ -96,7 +96,7 @@ class MetricsLogger:
         self.loss_sum, self.loss_count = 0.0, 0
         if not self.is_logger:
             return
-        print(format_line(record, self.args.train_iters), flush=True)
+        print(format_line(record, self.train_iters), flush=True)
         if self.writer:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and value is not None and key != "iteration":

@@ -26,6 +26,8 @@ from mm_plugin.config.model import LlavaConfig, lora_config
 from mm_plugin.config.names import IMAGE_TOKEN_INDEX, PARTS
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel.placement import unwrap
+from mm_plugin.parallel.world import world_size
+from mm_plugin.training.arguments import RunSettings, validate
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ def run_dtype(args: argparse.Namespace) -> str:
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
-                   config=None, pg_collection=None, *, model_config: LlavaConfig,
-                   args: argparse.Namespace) -> LlavaModel:
+                   config=None, pg_collection=None, *, model_config: LlavaConfig, args: argparse.Namespace,
+                   settings: RunSettings) -> LlavaModel:
     """One pipeline stage of the model, in the run's dtype, with its part files loaded.
 
     ``config`` and ``pg_collection`` are what Megatron-LM 0.16's ``get_model`` passes: model.json defines
@@ -83,7 +85,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
             logger.info("%s: params_dtype %s in %s; this run computes in %s (--bf16/--fp16 decide)",
                         names.json_key, part.params_dtype, model_config.source, dtype)
         part.params_dtype = dtype
-    extra = {"calculate_per_token_loss": args.calculate_per_token_loss}
+    extra = {"calculate_per_token_loss": settings.per_token_loss}
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                      recompute_num_layers=args.recompute_num_layers)
@@ -136,14 +138,14 @@ def forward_step(data_iterator: Iterator[dict], model, *, seq_length: Optional[i
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, *, data_config, tokenizer,
-                                       model_config: LlavaConfig, args: argparse.Namespace,
+                                       model_config: LlavaConfig, args: argparse.Namespace, settings: RunSettings,
                                        consumed_samples: int = 0):
     """Endless (train, valid, None) iterators of collated micro-batches for this data-parallel rank."""
     from mm_plugin.data.loader import PackedSteps, build_data_iterators
 
     vision = model_config.vision
-    packed = PackedSteps(args.num_microbatches, fixed_rows=args.pipeline_model_parallel_size > 1) \
-        if args.sequence_packing else None
+    packed = PackedSteps(settings.num_microbatches, fixed_rows=args.pipeline_model_parallel_size > 1) \
+        if settings.sequence_packing else None
     train, valid = build_data_iterators(
         data_config, tokenizer,
         micro_batch_size=args.micro_batch_size,
@@ -162,10 +164,12 @@ class Providers:
     forward_step: Any
     datasets_provider: Any
     stats: BatchStats
+    settings: RunSettings
 
 
 def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Providers:
-    """The three functions with Megatron's signatures, this run's settings fixed by ``partial``."""
+    """The three functions with Megatron's signatures, this run's settings fixed by ``partial``; the flags are
+    validated here, before anything is built (``arguments.validate``)."""
     from mm_plugin.data.errors import DataError
     from mm_plugin.data.tokenization import load_tokenizer
 
@@ -175,20 +179,15 @@ def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Pr
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab:
         raise DataError(f"{args.mm_data}: the padding id {pad_token_id!r} (dataloader_param.collate_param."
                         f"pad_token_id, else the tokenizer's) is not a token of the model's {vocab}-row vocabulary")
-    if data_config.sequence_packing and not args.sequence_packing:
-        logger.info("%s: sequence_packing is on (dataloader_param)", args.mm_data)
-        args.sequence_packing = True
-    if args.sequence_packing and not args.calculate_per_token_loss:
-        logger.info("--sequence-packing: the loss is normalised per trained token over the global batch "
-                    "(--calculate-per-token-loss), so that packing changes no number")
-        args.calculate_per_token_loss = True
+    settings = validate(args, world_size(), packing_in_data=data_config.sequence_packing)
     stats = BatchStats()
     fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
     return Providers(
-        model_provider=functools.partial(model_provider, model_config=model_config, args=args),
+        model_provider=functools.partial(model_provider, model_config=model_config, args=args, settings=settings),
         forward_step=functools.partial(forward_step, seq_length=fixed_length, pad_token_id=pad_token_id,
-                                       stats=stats, per_token_loss=args.calculate_per_token_loss),
+                                       stats=stats, per_token_loss=settings.per_token_loss),
         datasets_provider=functools.partial(train_valid_test_datasets_provider, data_config=data_config,
-                                            tokenizer=tokenizer, model_config=model_config, args=args),
-        stats=stats,
+                                            tokenizer=tokenizer, model_config=model_config, args=args,
+                                            settings=settings),
+        stats=stats, settings=settings,
     )
