@@ -34,9 +34,8 @@ def megatron_single():
     yield
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` run once, as a user runs it; its output folder."""
+def _run_demo(script: str, out, log_name: str) -> None:
+    """``bash examples/llava1.5/SCRIPT --demo`` into ``out``, as a user runs it; its output kept in ``out/log_name``."""
     import subprocess
     from pathlib import Path
 
@@ -44,15 +43,21 @@ def demo_run(tmp_path_factory):
     from seeds import OFFSET
 
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path_factory.mktemp("demo") / "demo_out"
     python = Path(sys.executable)
     env = dict(os.environ, DEMO_DIR=str(out), DEMO_SEED=str(OFFSET), PYTHON=str(python), MASTER_PORT=str(free_port()),
                PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(["bash", "examples/llava1.5/pretrain_llava1_5.sh", "--demo"], cwd=repo, env=env,
+    result = subprocess.run(["bash", f"examples/llava1.5/{script}", "--demo"], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (out / "demo.log").write_text(result.stdout)
+    (out / log_name).write_text(result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``bash examples/llava1.5/pretrain_llava1_5.sh --demo`` run once; its output folder."""
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    _run_demo("pretrain_llava1_5.sh", out, "demo.log")
     return out
 
 
@@ -61,21 +66,8 @@ def demo_stage2_run(demo_run, tmp_path_factory):
     """``bash examples/llava1.5/finetune_llava1_5.sh --demo`` run once after the stage-1 demo, in a copy of its
     folder (so that the stage-1 demo's folder stays as the stage-1 tests expect it); that folder."""
     import shutil
-    import subprocess
-    from pathlib import Path
 
-    from process_pool import free_port
-    from seeds import OFFSET
-
-    repo = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("demo2") / "demo_out"
     shutil.copytree(demo_run, out)
-    python = Path(sys.executable)
-    env = dict(os.environ, DEMO_DIR=str(out), DEMO_SEED=str(OFFSET), PYTHON=str(python), MASTER_PORT=str(free_port()),
-               PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(["bash", "examples/llava1.5/finetune_llava1_5.sh", "--demo"], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (out / "demo_stage2.log").write_text(result.stdout + result.stderr)
+    _run_demo("finetune_llava1_5.sh", out, "demo_stage2.log")
     return out

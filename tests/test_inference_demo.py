@@ -45,14 +45,22 @@ def test_held_out_images_are_described_far_above_chance(megatron_single, demo):
     assert all(answer.strip() and "\n" not in answer for answer in held_out["answers"])  # a caption, ended by its newline
 
 
-def test_the_inference_script_runs_on_the_demo(demo):
-    result = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--max-new-tokens", "12"],
-                            cwd=REPO, env=_environment(demo), capture_output=True, text=True, timeout=600)
+def _chat(demo_dir: Path, *extra: str) -> tuple[str, list[str], list[str]]:
+    """``inference_llava1_5.sh --demo``'s output, its answers and their references."""
+    result = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--max-new-tokens", "12",
+                             *extra], cwd=REPO, env=_environment(demo_dir), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     answers = re.findall(r"^A: (.*)$", result.stdout, flags=re.MULTILINE)
-    references = re.findall(r"\(reference: (.*)\)$", result.stdout, flags=re.MULTILINE)
-    assert len(answers) == len(references) == 8 and all(answers)
-    assert "Q:" not in result.stdout  # the plain template asks nothing: no empty question line
+    references = re.findall(r"^   \(reference: (.*)\)$", result.stdout, flags=re.MULTILINE)
+    assert len(answers) == len(references) == 8
+    return result.stdout, answers, references
+
+
+def test_the_inference_script_runs_on_the_demo(demo):
+    printed, answers, _ = _chat(demo)
+    assert all(answers)
+    assert "Q:" not in printed  # the plain template asks nothing: no empty question line
 
 
 def test_without_the_demo_output_the_script_says_which_command_makes_it(tmp_path):
@@ -63,15 +71,8 @@ def test_without_the_demo_output_the_script_says_which_command_makes_it(tmp_path
 
 
 def test_after_stage2_the_script_chats_with_the_stage2_model(demo_stage2_run):
-    result = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--max-new-tokens", "12"],
-                            cwd=REPO, env=_environment(demo_stage2_run), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    answers = re.findall(r"^A: (.*)$", result.stdout, flags=re.MULTILINE)
-    references = re.findall(r"^   \(reference: (.*)\)$", result.stdout, flags=re.MULTILINE)
-    assert len(answers) == len(references) == 8
-    assert sum(a.strip() == r.strip() for a, r in zip(answers, references)) >= 5, result.stdout
-    assert "Q: " in result.stdout  # the held-out questions, asked in the vicuna_v1 template
-    staged = subprocess.run(["bash", "examples/llava1.5/inference_llava1_5.sh", "--demo", "--demo-stage", "1",
-                             "--max-new-tokens", "12"], cwd=REPO, env=_environment(demo_stage2_run),
-                            capture_output=True, text=True, timeout=600)
-    assert staged.returncode == 0 and "Q: " not in staged.stdout, staged.stdout[-2000:]
+    printed, answers, references = _chat(demo_stage2_run)
+    assert sum(a.strip() == r.strip() for a, r in zip(answers, references)) >= 5, printed
+    assert "Q: " in printed  # the held-out questions, asked in the vicuna_v1 template
+    printed, _, _ = _chat(demo_stage2_run, "--demo-stage", "1")
+    assert "Q: " not in printed  # the stage-1 captioner
