@@ -25,6 +25,7 @@ def test_the_printed_loss_falls_and_is_logged(demo_run):
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 for r in records)
     log = (demo_run / "demo.log").read_text()
     assert "lm loss:" in log and "held-out caption loss" in log
+    assert "WARNING" not in log and "Transformer Engine" not in log  # nothing the user cannot act on
 
 
 def test_stage1_saved_only_the_projector(megatron_single, demo_run):

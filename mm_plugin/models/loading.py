@@ -99,12 +99,13 @@ class _Subset(TensorSource):
         return self._source.read(key, index)
 
 
-def load_parts(model, config: LlavaConfig) -> None:
+def load_parts(model, config: LlavaConfig, text_only: bool = False) -> None:
     """Load each part's ``ckpt_path`` into the model, sliced for this rank. Collective on every rank.
 
     A part file is a full (TP=1) state dict of that part; a directory is a training checkpoint, read
     through dist_checkpointing (resharded to this run's layout). Parts without ``ckpt_path`` keep their
-    initialisation (a warning for frozen ones: they will never learn).
+    initialisation (a warning for frozen ones: they will never learn; not for the vision tower and projector
+    of a ``text_only`` run, which never uses them).
     """
     from mm_plugin.parallel.sources import open_source
 
@@ -113,7 +114,7 @@ def load_parts(model, config: LlavaConfig) -> None:
         if part is config.projector and config.projector.projector_type == "identity":
             continue
         if not part.ckpt_path:
-            if part.freeze:
+            if part.freeze and not (text_only and part is not config.language):
                 logger.warning("%s: frozen but has no ckpt_path: it keeps random weights", part_name)
             continue
         path = Path(part.ckpt_path)

@@ -114,10 +114,8 @@ def prepare(out: Path, seed: int = 0) -> None:
     _synth(out / "data" / "text", "text", TEXT_RECORDS, seed=3 * seed + 2, tokenizer=tokenizer)
     vocab = len(load_tokenizer(tokenizer))
     write_seeing_clip(out / "weights" / "converted_clip.pt", out / "data" / "train" / "data.json", seed)
-    # The text-only run never feeds the projector: left trainable, it gets no gradient and stays as built,
-    # where frozen without a part file it would draw a warning about weights nobody uses (same numbers).
-    write_text(out / "model_lm.json", json.dumps(
-        model_json(vocab, language_ckpt=None, train_language=True, train_projector=True), indent=2) + "\n")
+    write_text(out / "model_lm.json",
+               json.dumps(model_json(vocab, language_ckpt=None, train_language=True), indent=2) + "\n")
     write_text(out / "model.json", json.dumps(
         model_json(vocab, language_ckpt="weights/converted_vicuna.pt", train_language=False), indent=2) + "\n")
     print(f"demo inputs ready in {out}: data/{{train,heldout,text}}, weights/converted_clip.pt, "

@@ -59,9 +59,10 @@ def run_dtype(args: argparse.Namespace) -> str:
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                    config=None, pg_collection=None, *, model_config: LlavaConfig, args: argparse.Namespace,
-                   settings: RunSettings) -> LlavaModel:
+                   settings: RunSettings, text_only: bool = False) -> LlavaModel:
     """One pipeline stage of the model, in the run's dtype, with its part files loaded.
 
+    ``text_only``: the data has no images (template ``lm``), so the vision parts' weights do not matter.
     ``config`` and ``pg_collection`` are what Megatron-LM 0.16's ``get_model`` passes: model.json defines
     the model (not a TransformerConfig built from flags), and the model uses megatron's global process
     groups, which are the collection Megatron-LM passes unless a caller builds its own.
@@ -90,7 +91,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         extra.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                      recompute_num_layers=args.recompute_num_layers)
     model = LlavaModel(model_config, pre_process=pre_process, post_process=post_process, extra=extra)
-    load_parts(model, model_config)
+    load_parts(model, model_config, text_only)
     return model
 
 
@@ -183,7 +184,8 @@ def bind(args: argparse.Namespace, model_config: LlavaConfig, data_config) -> Pr
     stats = BatchStats()
     fixed_length = args.seq_length if args.pipeline_model_parallel_size > 1 else None
     return Providers(
-        model_provider=functools.partial(model_provider, model_config=model_config, args=args, settings=settings),
+        model_provider=functools.partial(model_provider, model_config=model_config, args=args, settings=settings,
+                                         text_only=data_config.template == "lm"),
         forward_step=functools.partial(forward_step, seq_length=fixed_length, pad_token_id=pad_token_id,
                                        stats=stats, per_token_loss=settings.per_token_loss),
         datasets_provider=functools.partial(train_valid_test_datasets_provider, data_config=data_config,
