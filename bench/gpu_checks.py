@@ -12,7 +12,9 @@ built once, on the device:
    reference logits; then the same model in bf16, and ours loaded from those bf16 weights with the forward
    and a backward forced onto the flash kernel (``sdpa_kernel(FLASH_ATTENTION)`` raises where it cannot
    run). Ours must be as close to the fp32 reference as Hugging Face's own bf16 run is.
-2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``), the tensor
+2. **Inference speed** against Hugging Face ``generate`` (``inference_speed.benchmark``; ours with static
+   decode steps, replayed as CUDA graphs, and again with dynamic ones), batch-1 decode against the
+   memory-bandwidth bound (``decode_bound``: every language-model weight read once per token), the tensor
    operations each dispatches at batch 1 on this device (``inference_speed.operation_counts``), and where
    batch 1's first token spends its time: the device's kernel time against the wall clock, with the
    profiler's tables (``OUT/profile.txt``) and traces (``OUT/trace_{ours,hf}.json.gz``).
@@ -157,6 +159,26 @@ def training_throughput(ours, device: str, micro_batch: int, text_tokens: int, s
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 
+PEAK_MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+"""Bytes/s by device name (SXM parts); a device not listed gets no bound."""
+
+
+def decode_bound(ours, speed: dict) -> dict:
+    """Batch-1 decode tokens/s against the bound a token's reads set: the language model's weights (the
+    KV cache of a short answer is a few MB more, left out: the bound is a little generous)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    bandwidth = next((value for key, value in PEAK_MEMORY_BANDWIDTH.items() if key in name), None)
+    weights = sum(p.numel() * p.element_size() for p in ours.language_model.parameters())
+    report = {"device": name, "language_model_bytes": weights, "peak_bytes_per_s": bandwidth}
+    if bandwidth and 1 in speed["results"]:
+        bound = bandwidth / weights
+        measured = speed["results"][1]
+        report.update(bound_tokens_per_s=bound,
+                      **{f"{name}_share_of_bound": measured[name]["decode_tokens_per_s"] / bound
+                         for name in ("ours", "ours_dynamic", "hf") if name in measured})
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -183,7 +205,10 @@ def main(argv=None) -> int:
     print(json.dumps(results["parity_bf16"], indent=2), flush=True)
     save()
     results["inference_speed"] = inference_speed.benchmark(
-        hf, ours, args.shape, "bf16", args.batch, args.text_tokens, args.new_tokens, args.repeats, args.device)
+        hf, ours, args.shape, "bf16", args.batch, args.text_tokens, args.new_tokens, args.repeats, args.device,
+        compare_steps=True)
+    results["decode_bound"] = decode_bound(ours, results["inference_speed"])
+    print(json.dumps(results["decode_bound"], indent=2), flush=True)
     save()
     results["operations"] = inference_speed.operation_counts(hf, ours, args.shape, "bf16", [1], args.text_tokens, 8,
                                                              args.device)

@@ -15,6 +15,10 @@ Both are greedy; the report says whether they chose the same tokens, and how man
 to freshly mapped memory, costly on a CPU) each first token took. Medians are reported (and minima in
 the JSON), with the machine and its load before and after.
 
+``--compare-decode-steps`` runs ours with static decode steps (``mm_plugin.inference.static_step``: fixed
+buffers, replayed as a CUDA graph on a GPU, where they are the default) and, in a column of its own, with
+the dynamic steps (the CPU's default), and says whether both chose the same tokens.
+
 ``--count-operations`` reports instead how many tensor operations each implementation dispatches (views
 not counted; on a GPU each counted operation on a device tensor is a kernel launch, the few on host tensors,
 such as our per-request checks, are host time only) for the first token and per decode step. At batch 1 a
@@ -127,10 +131,14 @@ def hf_layout(rows, device) -> torch.Tensor:
 
 
 class Runner:
-    def __init__(self, hf, ours, rows, pixels):
+    def __init__(self, hf, ours, rows, pixels, compare_steps: bool = False):
         from mm_plugin.inference.generate import Request
 
         self.hf, self.ours = hf, ours
+        self.static = True if compare_steps else None  # None: the default for the device (static on CUDA)
+        self.implementations = {"ours": self.run_ours, "hf": self.run_hf}
+        if compare_steps:  # ours again, with the dynamic decode step (no static buffers, no CUDA graph)
+            self.implementations["ours_dynamic"] = self.run_ours_dynamic
         device = pixels.device
         self.hf_ids = hf_layout(rows, device)
         self.pixels = pixels
@@ -142,10 +150,17 @@ class Runner:
         return output[:, self.hf_ids.shape[1]:].tolist()
 
     def run_ours(self, new_tokens: int) -> list[list[int]]:
+        return self._ours(new_tokens, self.static)
+
+    def run_ours_dynamic(self, new_tokens: int) -> list[list[int]]:
+        return self._ours(new_tokens, static=False)
+
+    def _ours(self, new_tokens: int, static) -> list[list[int]]:
         from mm_plugin.inference.generate import generate
         from mm_plugin.inference.sampling import GenerationConfig
 
-        return [r.tokens for r in generate(self.ours, self.requests, GenerationConfig(max_new_tokens=new_tokens))]
+        config = GenerationConfig(max_new_tokens=new_tokens)
+        return [r.tokens for r in generate(self.ours, self.requests, config, static=static)]
 
 
 CLOCK = time.perf_counter
@@ -177,12 +192,12 @@ def synchronize():
 
 
 def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
-    times = {name: {"first": [], "full": [], "first_page_faults": []} for name in ("ours", "hf")}
+    times = {name: {"first": [], "full": [], "first_page_faults": []} for name in runner.implementations}
     tokens = {}
-    for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+    for name, function in runner.implementations.items():
         function(2)  # warm-up: allocator, kernels, lazy imports
     for _ in range(repeats):
-        for name, function in (("ours", runner.run_ours), ("hf", runner.run_hf)):
+        for name, function in runner.implementations.items():
             faults = page_faults()
             first, _ = timed(function, 1)
             times[name]["first_page_faults"].append(page_faults() - faults)
@@ -199,6 +214,8 @@ def measure(runner: Runner, batch: int, new_tokens: int, repeats: int) -> dict:
             "decode_tokens_per_s_best": batch * (new_tokens - 1) / (min(measured["full"]) - min(measured["first"])),
             "runs": measured,
         }
+    if "ours_dynamic" in tokens:
+        result["dynamic_same_tokens"] = tokens["ours_dynamic"] == tokens["ours"]
     same = [a == b for a, b in zip(tokens["ours"], tokens["hf"])]
     agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(tokens["ours"], tokens["hf"])]
     result["same_tokens"] = all(same)
@@ -270,8 +287,10 @@ def machine() -> dict:
 
 
 def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, new_tokens: int, repeats: int,
-              device: str, clock: str = "wall") -> dict:
-    """Both implementations on the same requests, interleaved; prints a markdown table and returns the report."""
+              device: str, clock: str = "wall", compare_steps: bool = False) -> dict:
+    """Both implementations on the same requests, interleaved; prints a markdown table and returns the report.
+    ``compare_steps``: ours with static decode steps (CUDA graphs on a GPU), and again with dynamic ones in a
+    column of its own."""
     from mm_plugin.config.names import TORCH_DTYPES
 
     parameters = sum(p.numel() for p in hf.parameters())
@@ -280,16 +299,19 @@ def benchmark(hf, ours, shape: str, dtype_name: str, batches, text_tokens: int, 
               "machine_before": machine(), "results": {}}
     print(f"{shape}: {parameters / 1e6:.0f}M parameters, {dtype_name}, {report['machine_before']['device']}, "
           f"{torch.get_num_threads()} thread(s), {clock} clock")
-    print("| batch | TTFT ours | TTFT HF | decode ours | decode HF | same tokens "
+    dynamic_column = " decode ours, dynamic steps (same tokens) |" if compare_steps else ""
+    print(f"| batch | TTFT ours | TTFT HF | decode ours | decode HF |{dynamic_column} same tokens "
           "| page faults per first token, ours / HF |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + "---|" * compare_steps)
     for batch in batches:
         rows, pixels = inputs(batch, text_tokens, device, TORCH_DTYPES[dtype_name])
-        result = measure(Runner(hf, ours, rows, pixels), batch, new_tokens, repeats)
+        result = measure(Runner(hf, ours, rows, pixels, compare_steps), batch, new_tokens, repeats)
         report["results"][batch] = result
         ours_, hf_ = result["ours"], result["hf"]
+        dynamic = (f" {result['ours_dynamic']['decode_tokens_per_s']:.1f} tok/s "
+                   f"({'yes' if result['dynamic_same_tokens'] else 'NO'}) |") if compare_steps else ""
         print(f"| {batch} | {ours_['ttft_s'] * 1000:.0f} ms | {hf_['ttft_s'] * 1000:.0f} ms | "
-              f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s | "
+              f"{ours_['decode_tokens_per_s']:.1f} tok/s | {hf_['decode_tokens_per_s']:.1f} tok/s |{dynamic} "
               f"{'yes' if result['same_tokens'] else result['tokens_agreeing_before_first_difference']} | "
               f"{ours_['ttft_page_faults']:.0f} / {hf_['ttft_page_faults']:.0f} |", flush=True)
     report["machine_after"] = machine()
@@ -311,6 +333,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall")
     parser.add_argument("--count-operations", action="store_true",
                         help="count dispatched tensor operations instead of timing")
+    parser.add_argument("--compare-decode-steps", action="store_true",
+                        help="ours with static decode steps (a CUDA graph on a GPU) and, in a column of its own, "
+                             "with dynamic ones")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
     global CLOCK
@@ -329,7 +354,7 @@ def main(argv=None) -> int:
                                   args.device)
     else:
         report = benchmark(hf, ours, args.shape, args.dtype, args.batch, args.text_tokens, args.new_tokens,
-                           args.repeats, args.device, args.clock)
+                           args.repeats, args.device, args.clock, args.compare_decode_steps)
     if args.output:
         with open(args.output, "w") as file:
             json.dump(report, file, indent=2)

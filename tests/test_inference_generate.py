@@ -135,9 +135,10 @@ def test_the_local_attention_backend_generates_the_same_tokens(megatron_single, 
     assert alone.tokens == hugging_face_tokens(hf, requests[0])
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct-layers", "megatron-modules"])
+@pytest.mark.parametrize("direct, static", [(True, False), (False, False), (True, True)],
+                         ids=["direct-layers", "megatron-modules", "static-steps"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direct):
+def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direct, static):
     """Teacher forcing: prefill left-padded prompts, feed known tokens, compare with full forwards."""
     from mm_plugin.inference.decoder import IncrementalDecoder
 
@@ -151,7 +152,7 @@ def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direc
     ids = torch.zeros(len(rows), prompt, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, padding[i]:] = row[:-steps]
-    decoder = IncrementalDecoder(model, padding, capacity=prompt + steps, direct=direct)
+    decoder = IncrementalDecoder(model, padding, capacity=prompt + steps, direct=direct, static=static)
     with torch.no_grad():
         logits = [decoder.prefill(model.language_model.embedding(input_ids=ids, position_ids=None))]
         for step in range(steps - 1):
@@ -161,6 +162,36 @@ def test_cached_steps_give_the_logits_of_the_whole_sequence(models, shape, direc
             expected = full[len(row) - steps - 1: len(row) - 1, :vocab]
             got = torch.stack([step_logits[i] for step_logits in logits])
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), f"row {i}"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_static_decode_steps_choose_the_dynamic_steps_tokens(models, shape):
+    """The static step (fixed buffers, what a CUDA graph replays; uncaptured on the CPU) is the same math: a
+    left-padded batch whose rows stop at different steps (end of sequence, max_length) gets the same tokens."""
+    from mm_plugin.inference.generate import generate
+    from mm_plugin.inference.sampling import GenerationConfig
+
+    _, model = models[shape]
+    requests = requests_for(shape, seed=6)
+    free_run = ours(model, requests[:1])[0].tokens
+    eos = next(t for i, t in enumerate(free_run) if i >= 2 and t not in free_run[:i])
+    for settings in ({"max_new_tokens": NEW_TOKENS, "repetition_penalty": 1.2},
+                     {"max_new_tokens": None, "max_length": 30, "eos_token_id": eos}):
+        config = GenerationConfig(**settings)
+        dynamic = generate(model, requests, config, suppressed=NEVER, static=False)
+        static = generate(model, requests, config, suppressed=NEVER, static=True)
+        assert [(r.tokens, r.finish_reason) for r in static] == [(r.tokens, r.finish_reason) for r in dynamic]
+    assert len({len(r.tokens) for r in dynamic}) > 1  # rows did leave the batch at different steps
+
+
+def test_static_decode_steps_need_the_direct_layers(models):
+    from mm_plugin.inference.decoder import IncrementalDecoder
+
+    _, model = models["gqa"]
+    with pytest.raises(ValueError, match="static decode step runs the direct layers"):
+        IncrementalDecoder(model, torch.zeros(1, dtype=torch.long), capacity=8, direct=False, static=True)
+    decoder = IncrementalDecoder(model, torch.zeros(1, dtype=torch.long), capacity=8)
+    assert decoder.direct and not decoder.static  # the default on the CPU: the dynamic step
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

@@ -24,16 +24,19 @@ from megatron.core import parallel_state
 from mm_plugin.inference.cpu_linear import linear_for
 from mm_plugin.inference.kv_cache import KVCache
 from mm_plugin.inference.direct_layers import cached_attention, forward_layers, norm, runs_direct
+from mm_plugin.inference.static_step import StaticDecodeStep
 
 
 class IncrementalDecoder:
     """One batch of left-padded prompts on ``model`` (an :class:`~mm_plugin.models.llava.LlavaModel`
     built with ``pre_process`` and ``post_process``), with room for ``capacity`` columns."""
 
-    def __init__(self, model, padding: torch.Tensor, capacity: int, direct: Optional[bool] = None):
+    def __init__(self, model, padding: torch.Tensor, capacity: int, direct: Optional[bool] = None,
+                 static: Optional[bool] = None):
         """``padding``: [b] left-padding columns of each row. ``direct``: run the layers as
         :func:`~mm_plugin.inference.direct_layers.forward_layers` (default: where it applies) rather than
-        through megatron's modules."""
+        through megatron's modules. ``static``: decode steps on fixed buffers, captured as a CUDA graph on a GPU
+        (:class:`~mm_plugin.inference.static_step.StaticDecodeStep`; default: on CUDA, with direct layers)."""
         self.language_model = language_model = model.language_model
         self.vocab_size = model.vocab_size
         config = language_model.config
@@ -58,6 +61,10 @@ class IncrementalDecoder:
         if direct and not supported:
             raise ValueError("direct layers need a decoder that direct_layers.runs_direct describes (SDPA attention)")
         self.direct = supported if direct is None else direct
+        if static and not self.direct:
+            raise ValueError("a static decode step runs the direct layers, which this decoder does not")
+        self.static = (self.direct and weight.device.type == "cuda") if static is None else static
+        self._static_step: Optional[StaticDecodeStep] = None
 
     @torch.no_grad()
     def prefill(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -69,12 +76,17 @@ class IncrementalDecoder:
             masked = causal | self.key_is_padding[:, None, None, :length]
             # A pad query would see no key at all (NaN); let it see itself. Nothing reads its output.
             masked &= ~torch.eye(length, dtype=torch.bool, device=embeddings.device)
-        return self._forward(embeddings, masked)
+        logits = self._forward(embeddings, masked)
+        if self.static:
+            self._static_step = StaticDecodeStep(self, capture=embeddings.device.type == "cuda")
+        return logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` [b], the tokens just chosen -> logits [b, vocab] for the following position."""
-        embeddings = self.language_model.embedding(input_ids=tokens[:, None], position_ids=None)
+        if self._static_step is not None:
+            return self._static_step(tokens)
+        embeddings = self.embed(tokens)
         masked = None  # one new position sees all earlier ones
         if self.padded or not self.direct:  # except padding (megatron's local attention wants a mask)
             masked = self.key_is_padding[:, None, None, : self.cache.length + 1]
@@ -82,6 +94,9 @@ class IncrementalDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these rows of the batch only (the others have finished)."""
+        if self._static_step is not None:  # its buffers keep their shapes: it computes the finished rows idly
+            self._static_step.keep(rows)
+            return
         self.cache.keep(rows)
         self.padding, self.key_is_padding, self.positions = (
             t.index_select(0, rows) for t in (self.padding, self.key_is_padding, self.positions))
@@ -95,18 +110,33 @@ class IncrementalDecoder:
         # 4x slower in the first layer. A view gives it the standard strides, without a copy.
         embeddings = embeddings.view(embeddings.shape)
         start, count = self.cache.length, embeddings.shape[0]
-        angles = self.angles[self.positions[:, start:start + count]].transpose(0, 1).unsqueeze(2)  # [s, b, 1, dim]
+        angles = self.rotary_angles(self.positions[:, start:start + count])
         decoder = self.language_model.decoder
         with self.cache.forward(angles, None if self.direct else decoder.layers):
             if self.direct:
-                attention = cached_attention(self.cache, None if masked is None else ~masked)
-                hidden = forward_layers(decoder.layers, embeddings, attention)
-                # The norm works row by row: only the last position's is needed.
-                last = norm(decoder.final_layernorm, hidden[-1])
-                logits = linear_for(last)(last, self._output_weight())  # [b, vocab / TP]
-            else:
-                hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
-                logits, _ = self.language_model.output_layer(hidden[-1])
+                return self.direct_logits(embeddings, cached_attention(self.cache, None if masked is None else ~masked))
+            hidden = decoder(hidden_states=embeddings, attention_mask=masked, rotary_pos_emb=None)
+            logits, _ = self.language_model.output_layer(hidden[-1])
+        return self._whole_vocabulary(logits)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` [b] -> their embeddings [1, b, h] (row-major strides, see :meth:`_forward`)."""
+        embeddings = self.language_model.embedding(input_ids=tokens[:, None], position_ids=None)
+        return embeddings.view(embeddings.shape)
+
+    def rotary_angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [b, s] -> their rotary angles [s, b, 1, dim], as :class:`KVCache` takes them."""
+        return self.angles[positions].transpose(0, 1).unsqueeze(2)
+
+    def direct_logits(self, embeddings: torch.Tensor, attention) -> torch.Tensor:
+        """New positions' ``embeddings`` [s, b, h] through the direct layers with ``attention`` (a
+        :func:`~mm_plugin.inference.direct_layers.cached_attention`) -> the last position's logits [b, vocab]."""
+        hidden = forward_layers(self.language_model.decoder.layers, embeddings, attention)
+        # The norm works row by row: only the last position's is needed.
+        last = norm(self.language_model.decoder.final_layernorm, hidden[-1])
+        return self._whole_vocabulary(linear_for(last)(last, self._output_weight()))  # [b, vocab / TP] gathered
+
+    def _whole_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
         # The rows that pad the vocabulary (for tensor parallelism) are no tokens.
         return _gather_vocabulary(logits)[:, : self.vocab_size].float()
 

@@ -170,15 +170,17 @@ def _attention(query, key, value, attn_mask, is_causal=False) -> torch.Tensor:
                                           enable_gqa=query.shape[1] != key.shape[1])
 
 
-def cached_attention(cache: KVCache, attend: Optional[torch.Tensor]) -> Attend:
+def cached_attention(cache: KVCache, attend: Optional[torch.Tensor], column: Optional[torch.Tensor] = None) -> Attend:
     """The language model's attention: rotated at true positions, over the cache. ``attend``: [b, 1, s, positions]
     bool, True where a query may see a key; None: a whole prompt, causal, or one new position, which sees all.
-    Call inside ``cache.forward(angles)``."""
+    Call inside ``cache.forward(angles)``; or, for a static decode step, inside ``cache.rotation(angles)`` with
+    ``column`` (a [1] device tensor, where the new position goes), and ``attend`` over the whole capacity."""
 
     def run(index, qkv):
         per_group = qkv.shape[3] - 2
         rotated = cache.rotate(qkv[:, :, :, :per_group + 1])  # each group's queries and key, in one rotation
-        keys, values = cache.append(index, rotated[:, :, :, per_group], qkv[:, :, :, per_group + 1])
+        key, value = rotated[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+        keys, values = cache.append(index, key, value) if column is None else cache.write(index, key, value, column)
         return sdpa(_heads_first(rotated[:, :, :, :per_group]), keys, values, attend, causal=qkv.shape[0] > 1)
 
     return run

@@ -69,12 +69,13 @@ class _Prepared:
 
 
 def stream(model, requests: Sequence[Request], config: GenerationConfig,
-           suppressed: Iterable[int] = ()) -> Iterator[Event]:
+           suppressed: Iterable[int] = (), static: Optional[bool] = None) -> Iterator[Event]:
     """Generate for all ``requests`` as one batch, yielding events as tokens are chosen.
 
     ``suppressed``: ids never generated (image token, pad, vocabulary rows no token maps to), on top
     of ``config.pad_token_id`` and ``config.suppress_tokens``. A request that ends leaves the batch, so
-    the steps after it cost only the requests still generating.
+    the steps after it cost only the requests still generating (except with static decode steps,
+    ``static``: see :class:`~mm_plugin.inference.decoder.IncrementalDecoder`; default on CUDA).
     """
     if not (model.pre_process and model.post_process):
         raise NotImplementedError("generation needs the whole model on one pipeline stage (pipeline parallel 1)")
@@ -91,7 +92,7 @@ def stream(model, requests: Sequence[Request], config: GenerationConfig,
     input_ids, image_mask, padding = _left_padded(prepared)
     images = [p.images for p in prepared if p.images is not None and p.images.shape[0]]
     longest = max(p.new_tokens for p in prepared)
-    decoder = IncrementalDecoder(model, padding, capacity=input_ids.shape[1] + longest)
+    decoder = IncrementalDecoder(model, padding, capacity=input_ids.shape[1] + longest, static=static)
     never = {*suppressed} | ({config.pad_token_id} if config.pad_token_id is not None else set())
     selector = TokenSelector(config, model.vocab_size, never, [p.text_ids for p in prepared], device)
     # Host-to-device copies and counts first: from pageable memory a copy waits for the work queued before
@@ -142,10 +143,10 @@ def _left_padded(prepared: Sequence["_Prepared"]) -> tuple[torch.Tensor, torch.T
 
 
 def generate(model, requests: Sequence[Request], config: GenerationConfig,
-             suppressed: Iterable[int] = ()) -> list[Result]:
+             suppressed: Iterable[int] = (), static: Optional[bool] = None) -> list[Result]:
     """One :class:`Result` per request, in order (``error`` set for the requests that could not run)."""
     results = [Result() for _ in requests]
-    for event in stream(model, requests, config, suppressed):
+    for event in stream(model, requests, config, suppressed, static):
         result = results[event.index]
         if event.token is not None:
             result.tokens.append(event.token)

@@ -35,26 +35,36 @@ class KVCache:
 
     @contextlib.contextmanager
     def forward(self, angles: torch.Tensor, layers: Optional[torch.nn.ModuleList] = None) -> Iterator["KVCache"]:
-        """One forward over new positions whose rotary angles are ``angles`` [s, b, 1, dim]. With ``layers``
-        (a megatron ``TransformerBlock.layers``), their core attention rotates and appends through a pre-hook."""
+        """One forward over new positions whose rotary angles are ``angles`` [s, b, 1, dim], appended after
+        :attr:`length`. With ``layers`` (a megatron ``TransformerBlock.layers``), their core attention rotates and
+        appends through a pre-hook."""
         if layers is not None and len(layers) != self.keys.shape[0]:
             raise ValueError(f"the cache holds {self.keys.shape[0]} layers, the decoder has {len(layers)}")
+        handles = [
+            layer.self_attention.core_attention.register_forward_pre_hook(self._hook(index), with_kwargs=True)
+            for index, layer in enumerate(layers or ())
+        ]
+        try:
+            with self.rotation(angles):
+                yield self
+            self.length += angles.shape[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def rotation(self, angles: torch.Tensor) -> Iterator["KVCache"]:
+        """:meth:`rotate` turns by ``angles`` [s, b, 1, dim] inside this block; :attr:`length` is left alone
+        (a static decode step writes at a column held on the device, :meth:`write`)."""
         half = angles.shape[-1] // 2
         sin = angles.sin()
         self._cos = angles.cos().to(self.keys.dtype)
         # LLaMA's x * cos + [-x2, x1] * sin as x * cos + [x2, x1] * [-sin1, sin2]: negating the angle's sine
         # once instead of every layer's x gives the same numbers with one kernel less per rotation.
         self._signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(self.keys.dtype)
-        handles = [
-            layer.self_attention.core_attention.register_forward_pre_hook(self._hook(index), with_kwargs=True)
-            for index, layer in enumerate(layers or ())
-        ]
         try:
             yield self
-            self.length += angles.shape[0]
         finally:
-            for handle in handles:
-                handle.remove()
             self._cos = self._signed_sin = None
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +88,16 @@ class KVCache:
         keys[:, :, self.length:end] = key.permute(1, 2, 0, 3)
         values[:, :, self.length:end] = value.permute(1, 2, 0, 3)
         return keys[:, :, :end], values[:, :, :end]
+
+    def write(self, index: int, key: torch.Tensor, value: torch.Tensor,
+              column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s one new (rotated) ``key`` and ``value`` [1, b, groups, dim] into ``column`` (a [1]
+        tensor on the cache's device) -> the whole buffers [b, groups, capacity, dim]. The same shapes and
+        addresses at every step, whatever the column: what a CUDA graph can replay."""
+        keys, values = self.keys[index], self.values[index]
+        keys.index_copy_(2, column, key.permute(1, 2, 0, 3))
+        values.index_copy_(2, column, value.permute(1, 2, 0, 3))
+        return keys, values
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a copy of what is cached so far)."""

@@ -67,13 +67,16 @@ class TextEvent:
 
 class LlavaPipeline:
     def __init__(self, model, tokenizer, image_processor: ImageProcessor,
-                 generation: Optional[GenerationConfig] = None, template: str = "vicuna_v1", batch_size: int = 8):
+                 generation: Optional[GenerationConfig] = None, template: str = "vicuna_v1", batch_size: int = 8,
+                 static_decode: Optional[bool] = None):
+        """``static_decode``: decode steps on fixed buffers, replayed as a CUDA graph (default: on CUDA; see
+        :mod:`~mm_plugin.inference.static_step`)."""
         if len(tokenizer) > model.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                              f"{model.vocab_size}: they are not from the same model")
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.generation = generation or GenerationConfig()
-        self.template, self.batch_size = template, batch_size
+        self.template, self.batch_size, self.static_decode = template, batch_size, static_decode
         self.never_generated = never_generated_ids(tokenizer, model.vocab_size)
 
     # --- construction ----------------------------------------------------------------------------
@@ -165,7 +168,7 @@ class LlavaPipeline:
                 except (BadSample, PromptError) as error:
                     yield TextEvent(index, finish_reason="error", error=f"query {index}: {error}")
             decoders = {index: _TextDecoder(self.tokenizer) for index in runnable}
-            for event in stream(self.model, requests, config, self.never_generated):
+            for event in stream(self.model, requests, config, self.never_generated, self.static_decode):
                 index = runnable[event.index]
                 if event.token is not None:
                     yield TextEvent(index, decoders[index].push(event.token), token=event.token)
