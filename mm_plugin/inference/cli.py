@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--img-h", type=int, help="checked against the model's image size")
     run.add_argument("--img-w", type=int, help="checked against the model's image size")
     run.add_argument("--patch-dim", type=int, help="checked against the model's patch size")
+    run.add_argument("--dynamic-decode", action="store_true",
+                     help="decode without static steps (on CUDA they are the default: fixed buffers replayed as a "
+                          "CUDA graph, the same tokens with fewer launches)")
     run.add_argument("--output-json", type=Path, help="also write the answers here")
     ignored = parser.add_argument_group(
         "accepted from MindSpeed-MM's script and ignored (the JSON decides)",
@@ -133,6 +136,8 @@ def _setup(args):
     if not work:
         raise ValueError("nothing to answer: give --prompt (and --image), or prompts in the JSON")
     _check_image_geometry(args, pipe.model.llava_config)
+    if args.dynamic_decode:
+        pipe.static_decode = False
     return pipe, work, args.template
 
 
