@@ -130,16 +130,13 @@ def sample_positions(folder: Path, args, tokens_per_image: int) -> int:
     """Positions the epoch's samples occupy, images expanded (what no mode can compute less of)."""
     from mm_plugin.data.config import load_data_config
     from mm_plugin.data.loader import build_datasets
+    from mm_plugin.data.packing import expanded_length
     from mm_plugin.data.tokenization import load_tokenizer
 
     config = load_data_config(folder / "data.json")
     dataset, _ = build_datasets(config, load_tokenizer(config.tokenizer_path), image_tokens=tokens_per_image,
                                 model_max_length=args.seq_length)
-    total = 0
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        total += len(sample["input_ids"]) + len(sample["images"]) * (tokens_per_image - 1)
-    return total
+    return sum(expanded_length(dataset[index], tokens_per_image) for index in range(len(dataset)))
 
 
 def main() -> int:

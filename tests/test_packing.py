@@ -123,13 +123,13 @@ def setup(tmp_path_factory):
 def _expanded_lengths(root: Path) -> list[int]:
     from mm_plugin.data.config import load_data_config
     from mm_plugin.data.loader import build_datasets
+    from mm_plugin.data.packing import expanded_length
     from mm_plugin.data.tokenization import load_tokenizer
 
     config = load_data_config(root / "instruct" / "mixed-data.json")
     dataset, _ = build_datasets(config, load_tokenizer(config.tokenizer_path), image_tokens=IMAGE_TOKENS,
                                 model_max_length=500)
-    return [len(sample["input_ids"]) + len(sample["images"]) * (IMAGE_TOKENS - 1)
-            for sample in (dataset[i] for i in range(len(dataset)))]
+    return [expanded_length(dataset[i], IMAGE_TOKENS) for i in range(len(dataset))]
 
 
 def _argv(root: Path, extra=(), model="long.json") -> list[str]:

@@ -71,6 +71,11 @@ def pack_rows(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     return sorted((sorted(row) for row in rows), key=lambda row: row[0])
 
 
+def expanded_length(sample: dict[str, Any], tokens_per_image: int) -> int:
+    """Decoder positions of a dataset sample once each of its image placeholders is expanded."""
+    return len(sample["input_ids"]) + len(sample["images"]) * (tokens_per_image - 1)
+
+
 class PackingCollator:
     """``collate_fn`` for one rank's share of a packed step: a list of micro-batches.
 
@@ -90,11 +95,8 @@ class PackingCollator:
         self.micro_batch_size = micro_batch_size
         self.fixed_rows = fixed_rows
 
-    def expanded_length(self, sample: dict[str, Any]) -> int:
-        return len(sample["input_ids"]) + len(sample["images"]) * (self.tokens_per_image - 1)
-
     def __call__(self, samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        lengths = [self.expanded_length(sample) for sample in samples]
+        lengths = [expanded_length(sample, self.tokens_per_image) for sample in samples]
         rows = pack_rows(lengths, self.seq_length)
         # Rows of similar length share a micro-batch, which is as wide as its longest row.
         rows.sort(key=lambda row: -sum(lengths[p] for p in row))
