@@ -166,7 +166,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "dtype": args.dtype, "shape": shape, "runs_per_row": [len(r) for r in rows],
               "share_of_causal_square_inside_samples": computed, "results": {}}
     print(f"{report['device']}, torch {torch.__version__}, {args.dtype}, [rows, heads, positions, dim] = {list(shape)}, "
-          f"runs per row (samples, and padding as one) {report["runs_per_row"]}, {computed:.0%} of the causal square inside samples")
+          f"runs per row (samples, and padding as one) {report['runs_per_row']}, {computed:.0%} of the causal square inside samples")
     built = candidates(rows, args.device)
     reference = run(built["per_sample_sdpa"], inputs, upstream, scale)
     print("| kernel | forward + backward | vs per-sample SDPA | largest difference (output, gradients) |")
