@@ -10,7 +10,7 @@ pytestmark = pytest.mark.numeric
 
 SHAPE = "gqa"  # every head count divides by 2; the vocabulary (202) gets padding rows
 
-def _generate_on_rank(tensor_parallel: int, settings: dict):
+def _generate_on_rank(tensor_parallel: int, settings: dict, static: bool = False):
     from megatron.core import parallel_state
 
     from mm_plugin.inference.generate import Request, generate
@@ -30,7 +30,8 @@ def _generate_on_rank(tensor_parallel: int, settings: dict):
     images = torch.randn(3, 3, size, size, generator=generator)
     requests = [Request([1, IMAGE] + words(5), images[:1]), Request([1] + words(9)),
                 Request([1] + words(2) + [IMAGE] + words(1) + [IMAGE] + words(3), images[1:])]
-    results = generate(model, requests, GenerationConfig(max_new_tokens=10, **settings), suppressed=[HF_IMAGE_TOKEN])
+    results = generate(model, requests, GenerationConfig(max_new_tokens=10, **settings), suppressed=[HF_IMAGE_TOKEN],
+                       static=static)
     return parallel_state.get_tensor_model_parallel_world_size(), [r.tokens for r in results]
 
 
@@ -44,3 +45,10 @@ def test_tensor_parallel_2_generates_the_tokens_of_1(pool, settings):
     assert split[0][1] == split[1][1]  # both ranks chose the same tokens
     # Sampling too: the same seeded draws on probabilities that agree to rounding.
     assert split[0][1] == single[0][1]
+
+
+def test_static_decode_steps_under_tensor_parallel_2_give_the_tokens_of_1(pool):
+    """The static step's vocabulary gather and row-parallel all-reduce, as a CUDA graph would replay them."""
+    single = pool.run(_generate_on_rank, 1, {}, False)
+    split = pool.run(_generate_on_rank, 2, {}, True)
+    assert split[0][1] == split[1][1] == single[0][1]
