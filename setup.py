@@ -41,7 +41,7 @@ setup(
         "matplotlib>=3.7",
         "packaging>=23",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "peft>=0.14"]},
     entry_points={
         "console_scripts": [
             "mm-convert=mm_plugin.console:mm_convert",

@@ -4,10 +4,12 @@ merges the adapters into weights with the same logits, and wrong configurations 
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from seeds import varied
 from training_fixtures import argv, build_setup, model_json, train
 
 pytestmark = pytest.mark.numeric
@@ -137,43 +139,94 @@ def test_lora_and_plain_checkpoints_do_not_mix_silently(megatron_single, setup, 
     train(_argv(setup, iterations=2, extra=("--load", str(tmp_path / "full"), "--finetune")))  # fresh adapters
 
 
-def test_export_merges_the_adapters_with_the_same_logits(megatron_single, tmp_path):
-    """A LoRA model, saved as training saves it, exported to Hugging Face: the merged model's logits are ours."""
-    from transformers import LlavaForConditionalGeneration
-
+@pytest.fixture(scope="module")
+def adapted(megatron_single, tmp_path_factory):
+    """The tiny Hugging Face LLaVA as part files, with LoRA on its language model and a random B (a trained
+    adapter), saved as training saves it: its folder, the checkpoint, the model and a batch in our layout."""
     import convert_fixtures as fixtures
     from mm_plugin.config.model import load_model_config, to_mindspeed_json
-    from mm_plugin.convert import export_hf, import_llava_hf
+    from mm_plugin.convert import import_llava_hf
     from mm_plugin.training.checkpointing import save_checkpoint
-    from model_fixtures import HF_IMAGE_TOKEN, hf_reference, mixed_batch
+    from model_fixtures import mixed_batch
 
-    base = tmp_path / "llava-mm"
+    root = tmp_path_factory.mktemp("adapted")
+    base = root / "llava-mm"
     import_llava_hf(fixtures.hf_llava_dir("gqa"), base, progress=False)
     raw = json.loads((base / "model.json").read_text())
     raw["text_decoder"].update(freeze=False, lora=LORA)
-    (base / "model.json").write_text(json.dumps(raw))
-    model = fixtures.load_converted(base / "model.json")
-    generator = torch.Generator().manual_seed(0)
+    (base / "lora.json").write_text(json.dumps(raw))
+    model = fixtures.load_converted(base / "lora.json")
+    generator = torch.Generator().manual_seed(varied(0))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".lora_B." in name:  # a trained adapter: B is no longer zero
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    save_checkpoint(tmp_path / "checkpoints", 3, model, None, None, consumed_samples=0,
-                    model_config=to_mindspeed_json(load_model_config(str(base / "model.json"))),
+    save_checkpoint(root / "checkpoints", 3, model, None, None, consumed_samples=0,
+                    model_config=to_mindspeed_json(load_model_config(str(base / "lora.json"))),
                     trainable_only=True, save_optimizer=False, save_rng=False)
-    export_hf(base, tmp_path / "llava-hf", load=tmp_path / "checkpoints", progress=False)
+    return SimpleNamespace(base=base, checkpoint=root / "checkpoints", model=model, batch=mixed_batch("gqa"))
 
-    batch = mixed_batch("gqa")
-    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava-hf").eval()
-    merged.config.image_token_id = HF_IMAGE_TOKEN  # hf_reference's placeholder (the file keeps the processor's)
-    reference_logits, _ = hf_reference(merged, batch)
+
+def ours_equal(model, batch, reference_logits) -> None:
+    """Our model's logits on ``batch`` are the Hugging Face reference's (``hf_reference``), 1e-5 relative."""
     with torch.no_grad():
         logits, _ = model(batch["input_ids"], None, batch["images"], batch["image_counts"])
     for row, reference in enumerate(reference_logits):
         ours = logits[row, : reference.shape[0], : reference.shape[1]]
         assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max(), row
-    original, _ = hf_reference(fixtures.hf_model("gqa"), batch)
+
+
+def hf_llava(directory):
+    from transformers import LlavaForConditionalGeneration
+
+    from model_fixtures import HF_IMAGE_TOKEN
+
+    model = LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    model.config.image_token_id = HF_IMAGE_TOKEN  # hf_reference's placeholder (the file keeps the processor's)
+    return model
+
+
+def test_export_merges_the_adapters_with_the_same_logits(adapted, tmp_path):
+    """A LoRA model, saved as training saves it, exported to Hugging Face: the merged model's logits are ours."""
+    import convert_fixtures as fixtures
+    from mm_plugin.convert import export_hf
+    from model_fixtures import hf_reference
+
+    export_hf(adapted.base / "lora.json", tmp_path / "llava-hf", load=adapted.checkpoint, progress=False)
+    reference_logits, _ = hf_reference(hf_llava(tmp_path / "llava-hf"), adapted.batch)
+    ours_equal(adapted.model, adapted.batch, reference_logits)
+    original, _ = hf_reference(fixtures.hf_model("gqa"), adapted.batch)
     assert (original[0] - reference_logits[0]).abs().max() > 1e-3  # the adapters changed what it computes
+
+
+def test_a_peft_folder_on_the_unmerged_base_computes_what_the_lora_model_does(adapted, tmp_path):
+    """export-hf --peft: the adapters split into PEFT's q/k/v and gate/up adapters under the names PEFT gives a
+    transformers LlavaForConditionalGeneration, the projector as modules_to_save; on the base's export (no --load)
+    PeftModel computes our LoRA model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mm_plugin.convert.cli import main
+    from model_fixtures import hf_reference
+
+    assert main(["export-hf", "--input", str(adapted.base / "lora.json"), "--output", str(tmp_path / "base"),
+                 "--no-progress"]) == 0
+    assert main(["export-hf", "--input", str(adapted.base / "lora.json"), "--load", str(adapted.checkpoint),
+                 "--peft", "--base-model", str(tmp_path / "base"), "--output", str(tmp_path / "peft"),
+                 "--no-progress"]) == 0
+    settings = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (settings["r"], settings["lora_alpha"], settings["lora_dropout"]) == (4, 8, 0.0)
+    assert settings["base_model_name_or_path"] == str(tmp_path / "base")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    fresh = get_peft_model(hf_llava(tmp_path / "base"), LoraConfig(**{
+        key: settings[key] for key in ("r", "lora_alpha", "target_modules", "modules_to_save")}))
+    assert saved.keys() == get_peft_model_state_dict(fresh).keys()  # PEFT's own names, nothing on the CLIP tower
+
+    peft_model = PeftModel.from_pretrained(hf_llava(settings["base_model_name_or_path"]), tmp_path / "peft").eval()
+    reference_logits, _ = hf_reference(peft_model, adapted.batch)
+    ours_equal(adapted.model, adapted.batch, reference_logits)
+    base_logits, _ = hf_reference(hf_llava(tmp_path / "base"), adapted.batch)
+    assert (base_logits[0] - reference_logits[0]).abs().max() > 1e-3  # the adapters are in use
 
 
 def test_an_unmerged_lora_checkpoint_loads_as_a_part_and_answers_as_the_trained_model(megatron_single, setup, tmp_path):
@@ -191,3 +244,162 @@ def test_an_unmerged_lora_checkpoint_loads_as_a_part_and_answers_as_the_trained_
     loaded = dict(model.named_parameters())
     assert trained.keys() == loaded.keys()
     assert all(torch.equal(trained[name], loaded[name].detach()) for name in trained)
+
+
+HF_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llava_lora_folder(directory: Path, rank: int = 4, alpha: int = 8):
+    """What original LLaVA's finetune_lora.sh writes, for the tiny model: PEFT adapters on every linear of the
+    language model, each with its own A and a random B, under LlavaLlamaForCausalLM's names in adapter_model.bin,
+    and the trained projector in non_lora_trainables.bin (llava/train/train.py); and the PEFT model (on
+    transformers' LlavaForConditionalGeneration) that computes what they describe."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from model_fixtures import tiny_hf_llava
+
+    peft_model = get_peft_model(tiny_hf_llava("gqa"), LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=rf".*language_model\..*\.({'|'.join(HF_LINEARS)})",
+        modules_to_save=["multi_modal_projector"])).eval()
+    generator = torch.Generator().manual_seed(varied(1))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name:  # trained
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    adapters, others = {}, {}
+    for key, tensor in get_peft_model_state_dict(peft_model).items():
+        if ".multi_modal_projector." in key:
+            layer = {"linear_1": "0", "linear_2": "2"}[key.split(".")[-2]]
+            others[f"base_model.model.model.mm_projector.{layer}.{key.split('.')[-1]}"] = tensor
+        else:
+            adapters[key.replace("model.language_model.layers.", "model.layers.")] = tensor
+    directory.mkdir()
+    torch.save(adapters, directory / "adapter_model.bin")
+    torch.save(others, directory / "non_lora_trainables.bin")
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "lmsys/vicuna-7b-v1.5", "r": rank,
+        "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": HF_LINEARS[::-1], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None}))
+    return peft_model
+
+
+def load_lora_checkpoint(checkpoint: Path):
+    """Our model of a LoRA checkpoint, its adapters and projector from it and the rest as it was trained from."""
+    from mm_plugin.checkpoint.reading import trained_model_config
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.models.loading import load_parts
+
+    config = trained_model_config(checkpoint)
+    config.attention_backend = "sdpa"
+    config.language.ckpt_path = config.projector.ckpt_path = str(checkpoint)
+    model = LlavaModel(config, extra={"perform_initialization": False})
+    load_parts(model, config)
+    return model.eval()
+
+
+def test_original_llava_lora_output_imports_as_our_checkpoint_with_the_same_logits(adapted, tmp_path):
+    """mm-convert llava-lora: q/k/v and gate/up adapters, each with its own A, fused exactly into ours (rank 3 r,
+    alpha 3 alpha); the checkpoint loads as a LoRA run's and computes what PEFT computes with the adapters."""
+    from mm_plugin.convert.cli import main
+    from model_fixtures import hf_reference
+
+    peft_model = llava_lora_folder(tmp_path / "llava-v1.5-lora")
+    assert main(["llava-lora", "--input", str(tmp_path / "llava-v1.5-lora"), "--model", str(adapted.base),
+                 "--output", str(tmp_path / "imported"), "--no-progress"]) == 0
+    model = load_lora_checkpoint(tmp_path / "imported")
+    assert model.llava_config.language.lora.rank == 12 and model.llava_config.language.lora.scaling == 2.0
+    reference_logits, _ = hf_reference(peft_model, adapted.batch)
+    ours_equal(model, adapted.batch, reference_logits)
+    assert main(["export-hf", "--input", str(adapted.base), "--load", str(tmp_path / "imported"),  # the base's
+                 "--output", str(tmp_path / "merged"), "--no-progress"]) == 0  # model.json: the checkpoint's scaling
+    merged_logits, _ = hf_reference(hf_llava(tmp_path / "merged"), adapted.batch)
+    ours_equal(model, adapted.batch, merged_logits)
+
+
+def test_a_peft_export_imports_back(adapted, tmp_path):
+    """export-hf --peft, then llava-lora: the same adapters (q/k/v sharing their A), the same logits."""
+    from mm_plugin.convert import export_peft, import_llava_lora
+    from model_fixtures import hf_reference
+
+    export_peft(adapted.base / "lora.json", tmp_path / "peft", load=adapted.checkpoint, progress=False)
+    import_llava_lora(tmp_path / "peft", tmp_path / "imported", model=adapted.base / "model.json", progress=False)
+    model = load_lora_checkpoint(tmp_path / "imported")
+    with torch.no_grad():
+        expected, _ = adapted.model(adapted.batch["input_ids"], None, adapted.batch["images"],
+                                    adapted.batch["image_counts"])
+    ours_equal(model, adapted.batch, [row for row in expected])
+
+
+def _drop_a_key(folder: Path) -> None:
+    state = torch.load(folder / "adapter_model.bin")
+    del state["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]
+    torch.save(state, folder / "adapter_model.bin")
+
+
+def _narrow_v(folder: Path) -> None:
+    state = torch.load(folder / "adapter_model.bin")
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    state[key] = state[key][:2]
+    torch.save(state, folder / "adapter_model.bin")
+
+
+def _add_embeddings(folder: Path) -> None:
+    state = torch.load(folder / "non_lora_trainables.bin")
+    state["base_model.model.model.embed_tokens.weight"] = torch.zeros(3, 3)
+    torch.save(state, folder / "non_lora_trainables.bin")
+
+
+def _edit_settings(**changes):
+    def edit(folder: Path) -> None:
+        settings = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**settings, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_drop_a_key, r"adapter_model.bin: no base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"),
+    (_narrow_v, r"adapter_model.bin: 'base_model.*v_proj.lora_A.weight' has shape \(2, 60\).*rank differs"),
+    (_add_embeddings, r"non_lora_trainables.bin: 'base_model.model.model.embed_tokens.weight' is neither"),
+    (_edit_settings(peft_type="IA3"), r"adapter_config.json: peft_type 'IA3'"),
+    (_edit_settings(rank_pattern={"q_proj": 8}), r"adapter_config.json: rank_pattern"),
+    (lambda folder: (folder / "adapter_model.bin").unlink(), r"no adapter_model.safetensors or adapter_model.bin"),
+])
+def test_an_adapter_folder_that_does_not_fit_is_named(adapted, tmp_path, damage, message):
+    from mm_plugin.convert import ConversionError, import_llava_lora
+
+    llava_lora_folder(tmp_path / "lora")
+    damage(tmp_path / "lora")
+    with pytest.raises(ConversionError, match=message):
+        import_llava_lora(tmp_path / "lora", tmp_path / "imported", model=adapted.base / "model.json")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_the_pipeline_on_an_unmerged_lora_checkpoint_answers_as_on_the_merged_export(adapted, tmp_path):
+    """LlavaPipeline.from_config with text_decoder.ckpt_path naming the LoRA checkpoint (the model.json without a
+    lora section: the checkpoint's is used): the same greedy tokens as the pipeline on the merged Hugging Face
+    export, and not the base model's."""
+    import numpy as np
+    from PIL import Image
+
+    from mm_plugin.convert import export_hf
+    from mm_plugin.inference.config import Query
+    from mm_plugin.inference.pipeline import LlavaPipeline
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(varied(2)).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(image)
+    queries = [Query("What is in the picture?", [image]), Query("Tell me a story.")]
+    raw = json.loads((adapted.base / "model.json").read_text())
+    raw.update(tokenizer={"from_pretrained": "tokenizer"}, image_processer_path="tokenizer")
+    (adapted.base / "inference_base.json").write_text(json.dumps(raw))
+    raw["text_decoder"]["ckpt_path"] = raw["image_encoder"]["vision_projector"]["ckpt_path"] = str(adapted.checkpoint)
+    (adapted.base / "inference_lora.json").write_text(json.dumps(raw))
+    export_hf(adapted.base / "lora.json", tmp_path / "merged", load=adapted.checkpoint, progress=False)
+
+    def tokens(pipe) -> list[list[int]]:
+        return [answer.tokens for answer in pipe.answer(queries, max_new_tokens=12, pad_token_id=0)]
+
+    unmerged = tokens(LlavaPipeline.from_config(adapted.base / "inference_lora.json"))
+    merged = tokens(LlavaPipeline.from_pretrained(tmp_path / "merged", cache_dir=tmp_path / "cache"))
+    assert unmerged == merged and all(unmerged)
+    assert tokens(LlavaPipeline.from_config(adapted.base / "inference_base.json")) != unmerged

@@ -5,7 +5,7 @@ verifying it while it is read, its model weights, its common state and the model
     SAVE/iter_0001000/                             a dist_checkpointing directory (reshardable TP/PP/DP)
 
 This is the read side every layer above needs (model loading, export, inference, resuming); the write
-side and resuming a run are ``training.checkpointing``'s. A load reads every pickle without executing it
+side is ``checkpoint.writing``'s, a training run's additions and resuming ``training.checkpointing``'s. A load reads every pickle without executing it
 (``safe_io.check_dist_checkpoint``) before megatron-core reads anything, and hashes the files against the
 checkpoint's manifest while it reads them: nothing loaded is used before they match (``reading_checkpoint``).
 """

@@ -6,9 +6,9 @@ See ``docs/convert.md``.
 """
 
 from mm_plugin.convert.commands import (convert_clip, convert_llm, convert_projector, converted_llava, export_hf,
-                                        import_llava_hf, read_llava_hf)
+                                        export_peft, import_llava_hf, import_llava_lora, read_llava_hf)
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.pipeline import Summary, WrittenFile
 
-__all__ = ["convert_clip", "convert_llm", "convert_projector", "import_llava_hf", "export_hf", "read_llava_hf",
-           "converted_llava", "ConversionError", "Summary", "WrittenFile"]
+__all__ = ["convert_clip", "convert_llm", "convert_projector", "import_llava_hf", "export_hf", "export_peft",
+           "import_llava_lora", "read_llava_hf", "converted_llava", "ConversionError", "Summary", "WrittenFile"]

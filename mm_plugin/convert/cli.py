@@ -5,6 +5,8 @@
     mm-convert projector --input mm_projector.bin    --output mlp.pt
     mm-convert llava-hf  --input llava-1.5-7b-hf/    --output llava-1.5-7b-mm/
     mm-convert export-hf --input llava-1.5-7b-mm/ [--load CHECKPOINT_DIR] --output llava-hf-out/
+    mm-convert export-hf --input model.json --load LORA_CHECKPOINT_DIR --peft --output llava-lora-peft/
+    mm-convert llava-lora --input llava-v1.5-7b-lora/ --model model.json --output lora-checkpoint/
 
 Bad input ends with one paragraph naming the file, the key and what was expected, and exit status 2;
 nothing is left under the output name.
@@ -63,7 +65,21 @@ LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained 
 safetensors with its index). --input is a folder `llava-hf` wrote (tokenizer and config carried over,
 tensors bit-identical), or any model.json with its parts (then --tokenizer names the tokenizer, e.g.
 vicuna-7b-v1.5/; LLaVA's <image> token is added to it). --load lays the weights of a training checkpoint
-over the parts'.""",
+over the parts'. A LoRA checkpoint's adapters are merged into the weights, or, with --peft, written as a
+PEFT adapter folder (adapter_config.json, adapter_model.safetensors: the fused q/k/v and gate/up adapters
+split exactly into q_proj, k_proj, v_proj, gate_proj, up_proj; the trained projector as modules_to_save) for
+the export of the same --input without --load, the un-merged base:
+  PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), OUTPUT)""",
+    "llava-lora": """\
+original LLaVA's LoRA output -> a checkpoint directory as our LoRA runs save it
+--input is the folder LLaVA's finetune_lora.sh wrote (e.g. llava-v1.5-7b-lora/): adapter_config.json,
+adapter_model.bin (or .safetensors) with PEFT's names (base_model.model.model.layers.N.self_attn.q_proj.
+lora_A.weight ...) and non_lora_trainables.bin (the projector: ...model.mm_projector.0/2.*); a PEFT folder
+for Hugging Face's LLaVA (multi_modal_projector as modules_to_save, e.g. export-hf --peft's) is read too.
+--model is the base's model.json: text_decoder.ckpt_path the part file the adapters were trained on
+(mm-convert llm of vicuna-7b-v1.5), the vision tower's and projector's shapes. The q, k, v (and gate, up)
+adapters are fused exactly into ours: rank 3 r (alpha 3 alpha, the same scaling), the others padded to it.
+The output loads as a LoRA run's checkpoint: --load / --finetune, a ckpt_path, export-hf --load.""",
 }
 
 
@@ -74,13 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands_parser = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str) -> argparse.ArgumentParser:
+    def command(name: str, dtype: bool = True) -> argparse.ArgumentParser:
         sub = commands_parser.add_parser(name, help=DESCRIPTIONS[name].split("\n")[0], description=DESCRIPTIONS[name],
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--input", required=True, help="what to convert (see above)")
         sub.add_argument("--output", required=True, help="where to write it")
-        sub.add_argument("--dtype", choices=list(TORCH_DTYPES),
-                         help="convert every tensor to this dtype (default: keep)")
+        if dtype:  # a checkpoint keeps the dtypes its model.json gives
+            sub.add_argument("--dtype", choices=list(TORCH_DTYPES),
+                             help="convert every tensor to this dtype (default: keep)")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
         return sub
 
@@ -93,10 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--load", help="training checkpoint directory whose weights replace the parts' own")
     sub.add_argument("--tokenizer", help="tokenizer directory (default: the tokenizer/ folder beside model.json)")
     sub.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    sub.add_argument("--peft", action="store_true",
+                     help="write --load's LoRA adapters (and projector) as a PEFT adapter folder instead of merging")
+    sub.add_argument("--base-model", help="with --peft: the base_model_name_or_path to record (the folder or hub id "
+                                          "of the base's export, the same --input without --load)")
+    sub = command("llava-lora", dtype=False)
+    sub.add_argument("--model", required=True, help="the base model's model.json (or a folder `llava-hf` wrote)")
     return parser
 
 
 def _run(args: argparse.Namespace) -> commands.Summary:
+    if args.command == "llava-lora":
+        return commands.import_llava_lora(args.input, args.output, model=args.model, progress=args.progress)
     common = dict(dtype=args.dtype, progress=args.progress)
     if args.command == "clip":
         return commands.convert_clip(args.input, args.output, safetensors=args.safetensors, **common)
@@ -107,6 +132,8 @@ def _run(args: argparse.Namespace) -> commands.Summary:
     if args.command == "llava-hf":
         return commands.import_llava_hf(args.input, args.output, vision=args.vision, safetensors=args.safetensors,
                                         **common)
+    if args.peft:
+        return commands.export_peft(args.input, args.output, load=args.load, base_model=args.base_model, **common)
     return commands.export_hf(args.input, args.output, load=args.load, tokenizer=args.tokenizer,
                               max_shard_size=args.max_shard_size, **common)
 

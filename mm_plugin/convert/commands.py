@@ -14,15 +14,16 @@ from typing import Iterator, Mapping, Optional, Union
 import torch
 
 from mm_plugin.config.model import LlavaConfig, load_model_config, to_mindspeed_json
-from mm_plugin.convert import export
+from mm_plugin.convert import export, lora_adapters
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.inputs import PartSource, clip_source, language_source, projector_source
 from mm_plugin.convert.llava_inputs import llava_source
-from mm_plugin.config.names import TORCH_DTYPES
-from mm_plugin.convert.pipeline import (Summary, atomic_directory, copy_file, output_file, parse_size,
-                                        rebase, refuse_overwriting_inputs, write_planned, write_sharded)
-from mm_plugin.convert.plan import PartPlan, plan_part
+from mm_plugin.config.names import LANGUAGE, TORCH_DTYPES
+from mm_plugin.convert.pipeline import (DTYPE_NAMES, Summary, WrittenFile, atomic_directory, copy_file, output_file,
+                                        parse_size, rebase, refuse_overwriting_inputs, write_planned, write_sharded)
+from mm_plugin.convert.plan import PartPlan, Planned, plan_part
 from mm_plugin.models.hf_keys import OUR_PREFIXES
+from mm_plugin.models.loading import adopt_checkpoint_lora
 from mm_plugin.safe_io import write_text
 
 PathLike = Union[str, os.PathLike]
@@ -133,13 +134,11 @@ def export_hf(input: PathLike, output: PathLike, *, load: Optional[PathLike] = N
     were; without it (e.g. a model trained from Vicuna and CLIP) the config is made from model.json and the
     tokenizer gets LLaVA's ``<image>`` (and a ``<pad>``) token, with embedding rows added for them."""
     started = time.monotonic()
-    input = Path(input)
-    model_json = input / "model.json" if input.is_dir() else input
-    if not model_json.is_file():
-        raise ConversionError(f"{input}: no model.json (pass a directory `mm-convert llava-hf` wrote, or a model.json)")
+    model_json = _model_json(input)
     config = load_model_config(str(model_json))
     if trained is None and load is not None:
         trained = export.read_trained(Path(load))
+        adopt_checkpoint_lora(config, load)  # its scaling, whatever the model.json says
     model = export.ExportedModel.build(config, model_json, trained or {}, str(load) if load else "trained weights")
     tensors = model.plan(torch_dtype(dtype))
     side_files = export.hf_side_files(model, Path(tokenizer) if tokenizer else None)
@@ -151,6 +150,74 @@ def export_hf(input: PathLike, output: PathLike, *, load: Optional[PathLike] = N
         side_files.write(staging, export.hf_dtype_name(tensors))
         written = rebase(written, staging, output)
     return Summary("export-hf", output, model.inputs, written, model.notes + side_files.notes,
+                   time.monotonic() - started)
+
+
+def _model_json(input: PathLike) -> Path:
+    input = Path(input)
+    model_json = input / "model.json" if input.is_dir() else input
+    if not model_json.is_file():
+        raise ConversionError(f"{input}: no model.json (pass a directory `mm-convert llava-hf` wrote, or a model.json)")
+    return model_json
+
+
+def export_peft(input: PathLike, output: PathLike, *, load: Optional[PathLike] = None,
+                trained: Optional[Mapping[str, torch.Tensor]] = None, base_model: Optional[str] = None,
+                dtype: Optional[str] = None, progress: bool = True) -> Summary:
+    """A LoRA run's adapters and projector (``load``: its checkpoint directory; or ``trained``: full-model tensors
+    by our names) -> a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) for the
+    Hugging Face export of the model.json's parts, the un-merged base (``export_hf`` without ``load``):
+    ``PeftModel.from_pretrained(base, output)``. ``base_model`` is written as its base_model_name_or_path."""
+    started = time.monotonic()
+    model_json = _model_json(input)
+    config = load_model_config(str(model_json))
+    export.check_hf_projector(config, model_json)
+    if trained is None:
+        if load is None:
+            raise ConversionError("a PEFT adapter folder is made of a LoRA run's checkpoint: pass --load")
+        trained = export.read_trained(Path(load))
+        adopt_checkpoint_lora(config, load)  # its scaling, whatever the model.json says
+    trained_from = str(load) if load else "trained weights"
+    adapter = lora_adapters.PeftAdapter.build(config, model_json, trained, trained_from, base_model)
+    tensors = [Planned(key, tuple(tensor.shape), torch_dtype(dtype) or tensor.dtype,
+                       lambda tensor=tensor: tensor.to(torch_dtype(dtype) or tensor.dtype), (Path(trained_from),))
+               for key, tensor in adapter.tensors.items()]
+    output = Path(output)
+    with atomic_directory(output) as staging:
+        written = [write_planned(staging / lora_adapters.ADAPTER_WEIGHTS[0], tensors, "safetensors", progress)]
+        write_text(staging / lora_adapters.ADAPTER_CONFIG, adapter.config_json())
+        written = rebase(written, staging, output)
+    return Summary("export-hf --peft", output, [trained_from], written, adapter.notes, time.monotonic() - started)
+
+
+def import_llava_lora(input: PathLike, output: PathLike, *, model: PathLike, progress: bool = True) -> Summary:
+    """Original LLaVA's LoRA output (``finetune_lora.sh``: ``adapter_config.json``, ``adapter_model.bin``,
+    ``non_lora_trainables.bin``), or a PEFT adapter folder for a LLaVA, on the base model ``model`` (a
+    model.json whose text_decoder.ckpt_path is the part file the adapters were trained on) -> a checkpoint
+    directory as our LoRA runs save it: ``--load`` it, name it as a ``ckpt_path``, or ``export-hf --load`` it."""
+    started = time.monotonic()
+    model_json = _model_json(model)
+    config = load_model_config(str(model_json))
+    base = config.language.ckpt_path
+    if not base or not Path(base).is_file():
+        raise ConversionError(f"{model_json}: text_decoder.ckpt_path {base!r} is not a part file; the adapters need "
+                              "the language model they were trained on (e.g. `mm-convert llm --input vicuna-7b-v1.5/`)")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConversionError(f"{output}: already exists and is not an empty directory; choose a new output directory")
+    imported = lora_adapters.read_adapter_folder(Path(input), config)
+    config.language.lora, config.language.freeze = imported.lora, False
+    if not imported.has_projector:
+        config.projector.freeze = True
+    config.validate()
+    directory = export.write_trained(config, model_json, imported.tensors, output)
+    tensors = imported.tensors.values()
+    written = [WrittenFile(directory, "dist_checkpointing", len(tensors), sum(t.nbytes for t in tensors),
+                           sorted({DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in tensors}))]
+    lora = json.dumps(to_mindspeed_json(config)[LANGUAGE.json_key]["lora"])
+    notes = imported.notes + [f"base weights: {base} (saved in the checkpoint's configuration, as a LoRA run saves "
+                              f"them); its text_decoder.lora: {lora}"]
+    return Summary("llava-lora", output, [str(path) for path in imported.inputs], written, notes,
                    time.monotonic() - started)
 
 

@@ -43,6 +43,29 @@ def read_trained(checkpoint_dir: Path) -> Mapping[str, torch.Tensor]:
         raise ConversionError(str(error)) from error
 
 
+def write_trained(config: LlavaConfig, model_json: Path, trained: Mapping[str, torch.Tensor], root: Path) -> Path:
+    """A training checkpoint of ``config``'s model whose trainable weights are ``trained`` (full tensors by our
+    full-model names), as a run of that model.json saves it (weights only, iteration 0); its directory."""
+    from mm_plugin.checkpoint.writing import weights_state, write_checkpoint
+    from mm_plugin.config.model import to_mindspeed_json
+    from mm_plugin.models.llava import LlavaModel
+    from mm_plugin.parallel.world import join_world, set_model_parallel
+
+    join_world()
+    set_model_parallel(1, 1)
+    model = LlavaModel(config, extra={"perform_initialization": False})  # only what trains is saved
+    parameters = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    untrained = sorted(set(parameters) - set(trained))
+    if untrained:
+        raise ConversionError(f"{model_json} trains {', '.join(untrained[:3])}{'...' if len(untrained) > 3 else ''}, "
+                              "which the input does not hold; set that part's freeze to true")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(trained[name])
+    return write_checkpoint(root, 0, weights_state(model, 0, consumed_samples=0,
+                                                   model_config=to_mindspeed_json(config)))
+
+
 @dataclasses.dataclass
 class ExportedModel:
     """Each part's tensors under our names: the part file, with trained tensors in place of its own."""
@@ -57,12 +80,7 @@ class ExportedModel:
     @classmethod
     def build(cls, config: LlavaConfig, model_json: Path, trained: Mapping[str, torch.Tensor],
               trained_from: str) -> "ExportedModel":
-        if projector_part(config) != "projector":
-            raise ConversionError(f"{model_json}: projector type {config.projector.projector_type!r}; Hugging Face's "
-                                  "LLaVA has only the two-layer MLP projector (mlp2x_gelu)")
-        if (config.projector.ffn_hidden_size or config.language.hidden_size) != config.language.hidden_size:
-            raise ConversionError(f"{model_json}: projector ffn_hidden_size {config.projector.ffn_hidden_size} != "
-                                  f"text hidden_size {config.language.hidden_size}; Hugging Face's projector needs them equal")
+        check_hf_projector(config, model_json)
         overlay, notes = _split_trained(trained, trained_from, config.language.vocab_size)
         inputs = [trained_from] if trained else []
         stores, checkpoints = {}, {}
@@ -103,6 +121,16 @@ class ExportedModel:
 
     def dims(self, part: str):
         return part_dims(self.config, part, num_layers=self.vision_layers if part == "vision" else None)
+
+
+def check_hf_projector(config: LlavaConfig, model_json: Path) -> None:
+    """The model's projector is one Hugging Face's LLaVA has."""
+    if projector_part(config) != "projector":
+        raise ConversionError(f"{model_json}: projector type {config.projector.projector_type!r}; Hugging Face's "
+                              "LLaVA has only the two-layer MLP projector (mlp2x_gelu)")
+    if (config.projector.ffn_hidden_size or config.language.hidden_size) != config.language.hidden_size:
+        raise ConversionError(f"{model_json}: projector ffn_hidden_size {config.projector.ffn_hidden_size} != text "
+                              f"hidden_size {config.language.hidden_size}; Hugging Face's projector needs them equal")
 
 
 def _split_trained(trained: Mapping[str, torch.Tensor], trained_from: str,

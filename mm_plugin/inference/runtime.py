@@ -7,6 +7,7 @@ of every layer) and choose the same tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from mm_plugin import device
 from mm_plugin.config.model import LlavaConfig, ModelConfigError
@@ -29,13 +30,17 @@ def build_model(config: LlavaConfig):
     minutes on the CPU.
     """
     from mm_plugin.models.llava import LlavaModel
-    from mm_plugin.models.loading import load_parts
+    from mm_plugin.models.loading import adopt_checkpoint_lora, load_parts
+    from mm_plugin.models.lora import merge_adapters
 
     missing = [names.json_key for names in PARTS for part in (getattr(config, names.field),)
                if not part.ckpt_path and not (part is config.projector and part.projector_type == "identity")]
     if missing:
         raise ModelConfigError(f"{config.source}: {', '.join(missing)} need(s) ckpt_path for inference: a part "
                                "file from `mm-convert`, or a training checkpoint directory")
+    if config.language.lora is None and Path(config.language.ckpt_path).is_dir():  # a LoRA run's checkpoint?
+        adopt_checkpoint_lora(config, config.language.ckpt_path)
     model = LlavaModel(config, extra={"perform_initialization": False})
     load_parts(model, config)
+    merge_adapters(model)  # a LoRA checkpoint's adapters, unmerged: generation computes as the merged export does
     return model.to(device.current()).eval()

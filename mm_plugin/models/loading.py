@@ -130,6 +130,15 @@ def load_parts(model, config: LlavaConfig, text_only: bool = False) -> None:
         logger.info("%s: loaded %s", part_name, path)
 
 
+def adopt_checkpoint_lora(config: LlavaConfig, checkpoint: str | Path) -> None:
+    """``config`` builds the language model with the LoRA adapters a checkpoint was trained with, when it has any:
+    their rank and scaling are the checkpoint's (its text_decoder.lora), whatever a model.json says or lacks."""
+    lora = trained_model_config(checkpoint).language.lora
+    if lora is not None:
+        config.language.lora, config.language.freeze = lora, False
+        logger.info("%s: LoRA adapters (text_decoder.lora %s) of %s", config.source, lora, checkpoint)
+
+
 def load_part_from_checkpoint(model, directory: Path, prefix: str) -> None:
     """The ``prefix`` part of a training checkpoint (``--save`` dir or ``iter_N``) into the model.
 

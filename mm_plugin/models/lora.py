@@ -111,3 +111,17 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     and returned in ``W``'s dtype: what an export writes, so that the exported model computes what the adapted
     one does."""
     return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Fold every adapter into its layer's weight (:func:`merged_weight`, what an export writes) and zero its ``B``,
+    so that the layer computes the same without it: for inference, which never trains them, and whose fast
+    route (``inference.direct_layers``) multiplies by the layers' weights alone. Each tensor-parallel rank folds
+    its own part: a column-parallel layer's rows of ``B`` with the whole ``A``, a row-parallel layer's columns of
+    ``A`` with the whole ``B``."""
+    for module in model.modules():
+        if isinstance(module, (LoraColumnParallelLinear, LoraRowParallelLinear)):
+            with torch.no_grad():
+                module.weight.copy_(merged_weight(module.weight, module.lora_A.weight, module.lora_B.weight,
+                                                  module.lora_scaling))
+                _zero(module.lora_B.weight)

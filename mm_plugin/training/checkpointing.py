@@ -1,5 +1,6 @@
 """Saving training checkpoints in Megatron's layout, and resuming from them (the read side every layer
-needs, finding and verifying a checkpoint and reading its weights, is ``mm_plugin.checkpoint.reading``).
+needs, finding and verifying a checkpoint and reading its weights, is ``mm_plugin.checkpoint.reading``; the
+weights, the bookkeeping and the atomic write, which ``mm-convert`` uses too, ``mm_plugin.checkpoint.writing``).
 
 A checkpoint holds the model weights (by default only the trainable ones: a stage-1 checkpoint is the
 projector, megabytes, not the frozen 7B decoder), the optimizer, the LR scheduler, every rank's RNG
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +29,13 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from mm_plugin import device
-from mm_plugin.checkpoint.manifest import write_manifest
-from mm_plugin.checkpoint.reading import (TRACKER, CheckpointError, common_state, iteration_dir, load_model_weights,
-                                          reading_checkpoint, saved_model_config)
-from mm_plugin.safe_io import write_text
+from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
+                                          saved_model_config)
+from mm_plugin.checkpoint.writing import model_sharded_state, parallel_layout, weights_state, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-
-
 # --- what goes in ----------------------------------------------------------------------------
-
-
-def model_sharded_state(model: torch.nn.Module, trainable_only: bool) -> dict:
-    """The model's sharded tensors (``trainable_only``: parameters with ``requires_grad``)."""
-    state = model.sharded_state_dict()
-    if not trainable_only:
-        return state
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    return {name: tensor for name, tensor in state.items() if name in trainable}
-
-
-def _layout() -> dict[str, int]:
-    return dict(tp=parallel_state.get_tensor_model_parallel_world_size(),
-                pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                dp=parallel_state.get_data_parallel_world_size())
 
 
 def _rng_state() -> ShardedObject:
@@ -66,7 +47,7 @@ def _rng_state() -> ShardedObject:
         "device": device.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    layout = _layout()
+    layout = parallel_layout()
     position = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
                 parallel_state.get_data_parallel_rank())
     return ShardedObject("rng_state", state, (layout["pp"], layout["tp"], layout["dp"]), position, replica_id=0)
@@ -84,38 +65,14 @@ def save_checkpoint(root: str | Path, iteration: int, model, optimizer, schedule
                     model_config: dict, trainable_only: bool = True, save_optimizer: bool = True,
                     save_rng: bool = True) -> Path:
     """Save on every rank (collective); returns the final directory."""
-    root = Path(root)
-    final = iteration_dir(root, iteration)
-    partial = final.with_name(final.name + ".partial")
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    torch.distributed.barrier()
-
-    model_state = model_sharded_state(model, trainable_only)
-    state: dict[str, Any] = {
-        "model": model_state,
-        "iteration": iteration,
-        "consumed_train_samples": consumed_samples,
-        "mm_plugin": {"format": FORMAT_VERSION, "trainable_only": trainable_only, "layout": _layout(),
-                      "model_config": model_config},
-    }
+    state = weights_state(model, iteration, consumed_samples=consumed_samples, model_config=model_config,
+                          trainable_only=trainable_only)
     if save_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
         state["opt_param_scheduler"] = scheduler.state_dict()
     if save_rng:
         state["rng_state"] = _rng_state()
-    dist_checkpointing.save(state, str(partial))
-    torch.distributed.barrier()
-    write_manifest(partial)  # before the tracker moves: a listed checkpoint always has its manifest
-    torch.distributed.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        write_text(root / TRACKER, f"{iteration}\n")
-    torch.distributed.barrier()
-    return final
+    return write_checkpoint(root, iteration, state)
 
 
 # --- resuming --------------------------------------------------------------------------
@@ -141,14 +98,14 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, *, load_optim
         resume_optimizer = load_optimizer and not finetune and "opt_param_scheduler" in common
         if resume_optimizer:
             request["optimizer"] = optimizer.sharded_state_dict(trainable, is_loading=True)
-        layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == _layout()
+        layout_matches = "mm_plugin" in common and common["mm_plugin"]["layout"] == parallel_layout()
         # A sharded object's key is "rng_state" plus its shard: "rng_state/shard_0.0.0_1.1.1" on megatron-core
         # 0.16, a dotted suffix on older lines; a tensor's is its dotted name.
         saved_objects = {re.split(r"[./]", key, maxsplit=1)[0] for key in load_sharded_metadata(str(directory))}
         restore_rng = load_rng and not finetune and layout_matches and "rng_state" in saved_objects
         if load_rng and not finetune and not layout_matches:
             logger.warning("%s was saved with parallel layout %s, this run is %s: RNG states are not restored",
-                           directory, common["mm_plugin"]["layout"], _layout())
+                           directory, common["mm_plugin"]["layout"], parallel_layout())
         if restore_rng:
             request["rng_state"] = _rng_state()
         if request:
