@@ -459,3 +459,78 @@ def test_the_prompt_and_each_step_run_without_the_host_waiting_for_the_device(mo
         single = ours(model, requests[:1])  # causal attention without a mask
     assert all(len(r.tokens) == NEW_TOKENS for r in batch + single)
     assert detector.waits == []
+
+
+class _RecordingGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on the CPU: "capture" runs the step's Python (recording the
+    function), "replay" runs the recording again, so the static step's bookkeeping around a graph is tested."""
+
+    captures = 0
+
+    def __init__(self):
+        self.recorded = None
+
+    def replay(self):
+        self.recorded()
+
+
+def _fake_cuda_graphs(monkeypatch, fail: bool = False):
+    from mm_plugin.inference import static_step
+
+    @contextlib.contextmanager
+    def graph(recording):
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        _RecordingGraph.captures += 1
+        step = static_step_under_capture[-1]
+        recording.recorded = lambda: setattr(step, "logits", step._compute())
+        yield
+
+    static_step_under_capture = []
+    original_capture = static_step.StaticDecodeStep._capture
+
+    def capture(self):
+        static_step_under_capture.append(self)
+        original_capture(self)
+
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    monkeypatch.setattr(static_step.torch.cuda, "Stream", lambda: stream(), raising=False)
+    monkeypatch.setattr(static_step.torch.cuda, "current_stream", lambda: stream(), raising=False)
+    monkeypatch.setattr(static_step.torch.cuda, "stream", lambda s: contextlib.nullcontext(), raising=False)
+    monkeypatch.setattr(static_step.torch.cuda, "CUDAGraph", _RecordingGraph, raising=False)
+    monkeypatch.setattr(static_step.torch.cuda, "graph", graph, raising=False)
+    monkeypatch.setattr(static_step.StaticDecodeStep, "_capture", capture)
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["captured", "capture-fails"])
+def test_a_captured_decode_step_is_recorded_once_and_replayed(models, monkeypatch, caplog, fail):
+    """The graph bookkeeping on the CPU, with a stand-in for CUDA graphs: one capture per generation, every later
+    step a replay, logits handed out as copies; a failed capture warns and runs the steps uncaptured. Either way
+    the tokens are the dynamic step's."""
+    from mm_plugin.inference.decoder import IncrementalDecoder
+    from mm_plugin.inference.generate import generate
+    from mm_plugin.inference.sampling import GenerationConfig
+
+    _, model = models["gqa"]
+    requests = requests_for("gqa", seed=7)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS)
+    expected = [r.tokens for r in generate(model, requests, config, suppressed=NEVER, static=False)]
+    _fake_cuda_graphs(monkeypatch, fail)
+    monkeypatch.setattr(IncrementalDecoder, "prefill", _prefill_with_capture(IncrementalDecoder.prefill))
+    _RecordingGraph.captures = 0
+    with caplog.at_level("WARNING", logger="mm_plugin.inference.static_step"):
+        got = [r.tokens for r in generate(model, requests, config, suppressed=NEVER, static=True)]
+    assert got == expected
+    assert _RecordingGraph.captures == (0 if fail else 1)
+    assert ("capture failed" in caplog.text) == fail
+
+
+def _prefill_with_capture(prefill):
+    """The decoder's prefill, its static step then set to capture as it would on CUDA."""
+
+    def run(self, embeddings):
+        logits = prefill(self, embeddings)
+        self._static_step.capture = True
+        return logits
+
+    return run
