@@ -71,3 +71,15 @@ def demo_stage2_run(demo_run, tmp_path_factory):
     shutil.copytree(demo_run, out)
     _run_demo("finetune_llava1_5.sh", out, "demo_stage2.log")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_stage2_lora_run(demo_run, tmp_path_factory):
+    """``bash examples/llava1.5/finetune_lora_llava1_5.sh --demo`` (LoRA, ``checkpoints/stage2-lora``) run once
+    after the stage-1 demo, in a copy of its folder; that folder."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("demo2lora") / "demo_out"
+    shutil.copytree(demo_run, out)
+    _run_demo("finetune_lora_llava1_5.sh", out, "demo_stage2-lora.log")
+    return out

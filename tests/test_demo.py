@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 
@@ -41,14 +42,18 @@ def test_stage1_saved_only_the_projector(megatron_single, demo_run):
         assert torch.equal(lm_run["language_model." + key], value), key
 
 
-def test_stage2_answers_questions_from_the_images(demo_stage2_run):
-    report = json.loads((demo_stage2_run / "evaluation_stage2.json").read_text())
+@pytest.mark.parametrize("run, checkpoint", [("demo_stage2_run", "stage2"), ("demo_stage2_lora_run", "stage2-lora")],
+                         ids=["full", "lora"])
+def test_stage2_answers_questions_from_the_images(request, run, checkpoint):
+    """The full run, and LoRA (on the decoder's linears and the output layer, docs/finetune.md) alike."""
+    out = request.getfixturevalue(run)
+    report = json.loads((out / f"evaluation_{checkpoint}.json").read_text())
     matched = report["exact_match"]
     # Exact-match answers to held-out first questions (colour, shape, position, description): with the right
     # image the model must read it; with another sample's, or none, it can only guess.
     assert matched["right_image"] >= 0.75, matched
     assert matched["another_image"] <= 0.4 and matched["no_image"] <= 0.4, matched
-    log = (demo_stage2_run / "demo_stage2.log").read_text()
+    log = (out / f"demo_{checkpoint}.log").read_text()
     assert "sequence packing: the loss is normalised per trained token" in log and "exact match" in log
 
 

@@ -15,6 +15,8 @@ from training_fixtures import argv, build_setup, model_json, train
 pytestmark = pytest.mark.numeric
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
+WITH_OUTPUT_LAYER = ("--lora-targets", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
+"""The decoder's four linears and the output layer (PEFT's lm_head), as flags."""
 
 
 def close(a, b, rtol=2e-5):
@@ -56,11 +58,14 @@ def test_lora_starts_from_the_base_model_and_trains_only_adapters_and_projector(
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", "2"), ("--pipeline-model-parallel-size", "2"), ()],
-                         ids=["tp2", "pp2", "dp2"])
-def test_lora_layouts_reproduce_a_single_process(megatron_single, pool, setup, layout):
-    single, _, _ = train(_argv(setup, iterations=5))
-    results = pool.run(train, _argv(setup, iterations=5, extra=layout))
+@pytest.mark.parametrize("layout, targets", [
+    (("--tensor-model-parallel-size", "2"), ()), (("--pipeline-model-parallel-size", "2"), ()), ((), ()),
+    (("--tensor-model-parallel-size", "2"), WITH_OUTPUT_LAYER),  # B split over the vocabulary like the weight
+    (("--pipeline-model-parallel-size", "2"), WITH_OUTPUT_LAYER),  # the output layer on the last stage
+], ids=["tp2", "pp2", "dp2", "tp2-output_layer", "pp2-output_layer"])
+def test_lora_layouts_reproduce_a_single_process(megatron_single, pool, setup, layout, targets):
+    single, _, _ = train(_argv(setup, iterations=5, extra=targets))
+    results = pool.run(train, _argv(setup, iterations=5, extra=layout + targets))
     assert results[0][0] == results[1][0]
     assert close(results[0][0], single), (results[0][0], single)
 
@@ -68,20 +73,23 @@ def test_lora_layouts_reproduce_a_single_process(megatron_single, pool, setup, l
 def test_lora_checkpoints_hold_what_trains_and_resume_exactly(megatron_single, setup, tmp_path):
     from megatron.core import dist_checkpointing
 
-    straight, _, _ = train(_argv(setup, iterations=6))
-    first, _, _ = train(_argv(setup, iterations=6, extra=("--save", str(tmp_path / "ckpt"), "--exit-interval", "3")))
-    rest, _, _ = train(_argv(setup, iterations=6, extra=("--load", str(tmp_path / "ckpt"))))
+    straight, _, _ = train(_argv(setup, iterations=6, extra=WITH_OUTPUT_LAYER))
+    first, _, _ = train(_argv(setup, iterations=6, extra=WITH_OUTPUT_LAYER + (
+        "--save", str(tmp_path / "ckpt"), "--exit-interval", "3")))
+    rest, _, _ = train(_argv(setup, iterations=6, extra=WITH_OUTPUT_LAYER + ("--load", str(tmp_path / "ckpt"))))
     assert first + rest == straight
     saved = dist_checkpointing.load_tensors_metadata(str(tmp_path / "ckpt" / "iter_0000003"))
     weights = {key for key in saved if not key.startswith("optimizer")}
     assert weights and all(".lora_" in key or key.startswith("vision_projection.") for key in weights), weights
+    assert "language_model.output_layer.lora_B.weight" in weights  # the output layer's weight itself stays frozen
 
 
 def test_a_tensor_parallel_lora_checkpoint_resumes_at_tp1(megatron_single, pool, setup, tmp_path):
     saved = str(tmp_path / "tp2")
-    tp2 = pool.run(train, _argv(setup, iterations=5, extra=("--tensor-model-parallel-size", "2", "--save", saved,
-                                                             "--save-interval", "4")))[0][0]
-    tp1, _, _ = train(_argv(setup, iterations=5, extra=("--load", str(Path(saved) / "iter_0000004"))))
+    tp2 = pool.run(train, _argv(setup, iterations=5, extra=WITH_OUTPUT_LAYER + (
+        "--tensor-model-parallel-size", "2", "--save", saved, "--save-interval", "4")))[0][0]
+    tp1, _, _ = train(_argv(setup, iterations=5, extra=WITH_OUTPUT_LAYER + (
+        "--load", str(Path(saved) / "iter_0000004"))))
     assert len(tp1) == 1 and close(tp1, tp2[4:])
 
 
@@ -126,6 +134,15 @@ def test_a_wrong_lora_section_is_named(setup, tmp_path, change, message):
         load_model_config(str(tmp_path / "bad.json"))
 
 
+def test_an_output_layer_adapter_on_a_tied_output_layer_is_refused():
+    """Tied embedding and output weights (not LLaVA's LLaMA, which has its own lm_head) would adapt both."""
+    from mm_plugin.config.model import LoraConfig, ModelConfigError
+    from mm_plugin.models.lora import adapt_output_layer
+
+    with pytest.raises(ModelConfigError, match="shares its weight with the embedding"):
+        adapt_output_layer(SimpleNamespace(share_embeddings_and_output_weights=True), LoraConfig())
+
+
 def test_lora_and_plain_checkpoints_do_not_mix_silently(megatron_single, setup, tmp_path):
     from mm_plugin.checkpoint.reading import CheckpointError
 
@@ -139,10 +156,16 @@ def test_lora_and_plain_checkpoints_do_not_mix_silently(megatron_single, setup, 
     train(_argv(setup, iterations=2, extra=("--load", str(tmp_path / "full"), "--finetune")))  # fresh adapters
 
 
+DECODER_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+ALL_TARGETS = pytest.param(DECODER_TARGETS + ["output_layer"], id="output_layer")
+"""``adapted``'s targets (indirect): the default (the decoder's linears), or these and the output layer."""
+
+
 @pytest.fixture(scope="module")
-def adapted(megatron_single, tmp_path_factory):
-    """The tiny Hugging Face LLaVA as part files, with LoRA on its language model and a random B (a trained
-    adapter), saved as training saves it: its folder, the checkpoint, the model and a batch in our layout."""
+def adapted(megatron_single, tmp_path_factory, request):
+    """The tiny Hugging Face LLaVA as part files, with LoRA on its language model (``request.param``: the targets,
+    default the decoder's linears) and a random B (a trained adapter), saved as training saves it: its folder,
+    the checkpoint, the model and a batch in our layout."""
     import convert_fixtures as fixtures
     from mm_plugin.config.model import load_model_config, to_mindspeed_json
     from mm_plugin.convert import import_llava_hf
@@ -153,7 +176,7 @@ def adapted(megatron_single, tmp_path_factory):
     base = root / "llava-mm"
     import_llava_hf(fixtures.hf_llava_dir("gqa"), base, progress=False)
     raw = json.loads((base / "model.json").read_text())
-    raw["text_decoder"].update(freeze=False, lora=LORA)
+    raw["text_decoder"].update(freeze=False, lora={**LORA, "targets": getattr(request, "param", DECODER_TARGETS)})
     (base / "lora.json").write_text(json.dumps(raw))
     model = fixtures.load_converted(base / "lora.json")
     generator = torch.Generator().manual_seed(varied(0))
@@ -186,6 +209,7 @@ def hf_llava(directory):
     return model
 
 
+@pytest.mark.parametrize("adapted", [DECODER_TARGETS, ALL_TARGETS], indirect=True)
 def test_export_merges_the_adapters_with_the_same_logits(adapted, tmp_path):
     """A LoRA model, saved as training saves it, exported to Hugging Face: the merged model's logits are ours."""
     import convert_fixtures as fixtures
@@ -199,6 +223,7 @@ def test_export_merges_the_adapters_with_the_same_logits(adapted, tmp_path):
     assert (original[0] - reference_logits[0]).abs().max() > 1e-3  # the adapters changed what it computes
 
 
+@pytest.mark.parametrize("adapted", [DECODER_TARGETS, ALL_TARGETS], indirect=True)
 def test_a_peft_folder_on_the_unmerged_base_computes_what_the_lora_model_does(adapted, tmp_path):
     """export-hf --peft: the adapters split into PEFT's q/k/v and gate/up adapters under the names PEFT gives a
     transformers LlavaForConditionalGeneration, the projector as modules_to_save; on the base's export (no --load)
@@ -220,7 +245,9 @@ def test_a_peft_folder_on_the_unmerged_base_computes_what_the_lora_model_does(ad
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     fresh = get_peft_model(hf_llava(tmp_path / "base"), LoraConfig(**{
         key: settings[key] for key in ("r", "lora_alpha", "target_modules", "modules_to_save")}))
-    assert saved.keys() == get_peft_model_state_dict(fresh).keys()  # PEFT's own names, nothing on the CLIP tower
+    # PEFT's own names, nothing on the CLIP tower (and not lm_head's base weight, which PEFT saves by default for a
+    # targeted lm_head: it is the base's, unchanged)
+    assert saved.keys() == get_peft_model_state_dict(fresh, save_embedding_layers=False).keys()
 
     peft_model = PeftModel.from_pretrained(hf_llava(settings["base_model_name_or_path"]), tmp_path / "peft").eval()
     reference_logits, _ = hf_reference(peft_model, adapted.batch)
@@ -249,17 +276,19 @@ def test_an_unmerged_lora_checkpoint_loads_as_a_part_and_answers_as_the_trained_
 HF_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llava_lora_folder(directory: Path, rank: int = 4, alpha: int = 8):
+def llava_lora_folder(directory: Path, rank: int = 4, alpha: int = 8, lm_head: bool = False):
     """What original LLaVA's finetune_lora.sh writes, for the tiny model: PEFT adapters on every linear of the
     language model, each with its own A and a random B, under LlavaLlamaForCausalLM's names in adapter_model.bin,
     and the trained projector in non_lora_trainables.bin (llava/train/train.py); and the PEFT model (on
-    transformers' LlavaForConditionalGeneration) that computes what they describe."""
+    transformers' LlavaForConditionalGeneration) that computes what they describe. ``lm_head``: an adapter on the
+    output layer too (PEFT's name for it)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     from model_fixtures import tiny_hf_llava
 
     peft_model = get_peft_model(tiny_hf_llava("gqa"), LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=rf".*language_model\..*\.({'|'.join(HF_LINEARS)})",
+        r=rank, lora_alpha=alpha,
+        target_modules=rf".*language_model\..*\.({'|'.join(HF_LINEARS)})" + ("|lm_head" if lm_head else ""),
         modules_to_save=["multi_modal_projector"])).eval()
     generator = torch.Generator().manual_seed(varied(1))
     with torch.no_grad():
@@ -278,7 +307,8 @@ def llava_lora_folder(directory: Path, rank: int = 4, alpha: int = 8):
     torch.save(others, directory / "non_lora_trainables.bin")
     (directory / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "lmsys/vicuna-7b-v1.5", "r": rank,
-        "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": HF_LINEARS[::-1], "bias": "none",
+        "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": HF_LINEARS[::-1] + ["lm_head"] * lm_head,
+        "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "revision": None}))
     return peft_model
@@ -298,13 +328,14 @@ def load_lora_checkpoint(checkpoint: Path):
     return model.eval()
 
 
-def test_original_llava_lora_output_imports_as_our_checkpoint_with_the_same_logits(adapted, tmp_path):
+@pytest.mark.parametrize("lm_head", [False, True], ids=["decoder", "lm_head"])
+def test_original_llava_lora_output_imports_as_our_checkpoint_with_the_same_logits(adapted, tmp_path, lm_head):
     """mm-convert llava-lora: q/k/v and gate/up adapters, each with its own A, fused exactly into ours (rank 3 r,
     alpha 3 alpha); the checkpoint loads as a LoRA run's and computes what PEFT computes with the adapters."""
     from mm_plugin.convert.cli import main
     from model_fixtures import hf_reference
 
-    peft_model = llava_lora_folder(tmp_path / "llava-v1.5-lora")
+    peft_model = llava_lora_folder(tmp_path / "llava-v1.5-lora", lm_head=lm_head)
     assert main(["llava-lora", "--input", str(tmp_path / "llava-v1.5-lora"), "--model", str(adapted.base),
                  "--output", str(tmp_path / "imported"), "--no-progress"]) == 0
     model = load_lora_checkpoint(tmp_path / "imported")
@@ -317,6 +348,7 @@ def test_original_llava_lora_output_imports_as_our_checkpoint_with_the_same_logi
     ours_equal(model, adapted.batch, merged_logits)
 
 
+@pytest.mark.parametrize("adapted", [DECODER_TARGETS, ALL_TARGETS], indirect=True)
 def test_a_peft_export_imports_back(adapted, tmp_path):
     """export-hf --peft, then llava-lora: the same adapters (q/k/v sharing their A), the same logits."""
     from mm_plugin.convert import export_peft, import_llava_lora
@@ -375,6 +407,7 @@ def test_an_adapter_folder_that_does_not_fit_is_named(adapted, tmp_path, damage,
     assert not (tmp_path / "imported").exists()
 
 
+@pytest.mark.parametrize("adapted", [DECODER_TARGETS, ALL_TARGETS], indirect=True)
 def test_the_pipeline_on_an_unmerged_lora_checkpoint_answers_as_on_the_merged_export(adapted, tmp_path):
     """LlavaPipeline.from_config with text_decoder.ckpt_path naming the LoRA checkpoint (the model.json without a
     lora section: the checkpoint's is used): the same greedy tokens as the pipeline on the merged Hugging Face

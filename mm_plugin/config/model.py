@@ -96,8 +96,11 @@ class ProjectorConfig:
     transformer_overrides: dict = dataclasses.field(default_factory=dict)
 
 
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-"""The language model's linear layers an adapter can sit on: fused QKV, attention output, gate+up, down."""
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer")
+"""The language model's linear layers an adapter can sit on: fused QKV, attention output, gate+up, down in
+every decoder layer, and the output layer (PEFT's ``lm_head``)."""
+DEFAULT_LORA_TARGETS = LORA_TARGETS[:4]
+"""LLaVA's recipe: every linear of the decoder layers; the output layer stays as it is."""
 
 
 @dataclasses.dataclass
@@ -109,7 +112,7 @@ class LoraConfig:
     rank: int = 128
     alpha: float = 256.0
     dropout: float = 0.05
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
     @property
     def scaling(self) -> float:
@@ -362,7 +365,7 @@ def lora_config(raw: Any, where: str) -> Optional[LoraConfig]:
     unknown = set(raw) - {field.name for field in dataclasses.fields(LoraConfig)}
     if unknown:
         raise ModelConfigError(f"{where}: unknown field(s) {sorted(unknown)}; use rank, alpha, dropout, targets")
-    lora = LoraConfig(**{**raw, "targets": tuple(raw.get("targets", LORA_TARGETS))})
+    lora = LoraConfig(**{**raw, "targets": tuple(raw.get("targets", DEFAULT_LORA_TARGETS))})
     if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
         raise ModelConfigError(f"{where}.rank = {lora.rank!r}: a whole number of at least 1")
     if isinstance(lora.alpha, bool) or not isinstance(lora.alpha, (int, float)) or not 0 < lora.alpha < math.inf:

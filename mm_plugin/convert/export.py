@@ -24,8 +24,9 @@ from mm_plugin.safe_io import write_text
 
 PARTS = ("vision", "projector", "language")
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Our vocabulary tables: a built model pads them (padded_vocab_size), and the padding rows are no part of a file.
-_VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Our vocabulary tables (and the output layer adapter's B): a built model pads them (padded_vocab_size), and the
+# padding rows are no part of a file.
+_VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.lora_B.weight")
 
 
 def read_trained(checkpoint_dir: Path) -> Mapping[str, torch.Tensor]:
@@ -61,7 +62,11 @@ def write_trained(config: LlavaConfig, model_json: Path, trained: Mapping[str, t
                               "which the input does not hold; set that part's freeze to true")
     with torch.no_grad():
         for name, parameter in parameters.items():
-            parameter.copy_(trained[name])
+            tensor = trained[name]
+            if name.removeprefix(OUR_PREFIXES["language"]) in _VOCABULARY_KEYS:  # the real vocabulary's rows
+                parameter.zero_()  # the padding rows (padded_vocab_size)
+                parameter = parameter[: tensor.shape[0]]
+            parameter.copy_(tensor)
     return write_checkpoint(root, 0, weights_state(model, 0, consumed_samples=0,
                                                    model_config=to_mindspeed_json(config)))
 

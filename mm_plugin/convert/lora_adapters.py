@@ -11,6 +11,9 @@ projections, one each (``q_proj`` ... ``down_proj``):
   other, ``B`` block-diagonal: each projection's rows read only its own ``A``), a rank of (projections x r) with
   alpha grown with it (the same scaling). ``text_decoder.lora`` has one rank for every target, so the adapters
   with fewer projections get zero rows and columns up to it.
+
+The output layer's adapter (``output_layer``) is PEFT's on ``lm_head``, one module both ways (its ``B`` has the
+real vocabulary's rows: a checkpoint's padding rows are dropped, as the weight's).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from mm_plugin.config.model import LORA_TARGETS, LlavaConfig, LoraConfig
 from mm_plugin.config.names import LANGUAGE, PROJECTOR, is_adapter
 from mm_plugin.convert.errors import ConversionError
-from mm_plugin.models.hf_keys import KeyRule, PartDims, hf_candidates, part_dims, part_keys, projector_part
+from mm_plugin.models.hf_keys import (HF_LM_HEAD, KeyRule, PartDims, hf_candidates, part_dims, part_keys,
+                                      projector_part)
 from mm_plugin.safe_io import load_state
 
 PEFT_PREFIX = "base_model.model."
@@ -43,6 +47,8 @@ HF_PROJECTOR_MODULE = "multi_modal_projector"
 _LANGUAGE_MODULES = ("model.language_model.", "language_model.model.", "model.")
 _PROJECTOR_MODULES = (("model.multi_modal_projector.", "hf"), ("multi_modal_projector.", "hf"),
                       ("model.mm_projector.", "llava"))
+_LM_HEAD_BASE = tuple(PEFT_PREFIX + key.replace(".weight", ".base_layer.weight") for key in HF_LM_HEAD)
+"""What PEFT saves beside an adapter on ``lm_head`` (``save_embedding_layers``): the base's own weight."""
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")
 
 
@@ -116,7 +122,7 @@ class PeftAdapter:
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
             "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
             # A pattern, not a list of names: the CLIP tower has q_proj, k_proj and v_proj too.
-            "target_modules": rf".*language_model\..*\.({'|'.join(targeted)})",
+            "target_modules": _target_pattern(targeted),
             "modules_to_save": modules_to_save, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
             "alpha_pattern": {},
@@ -133,6 +139,14 @@ class PeftAdapter:
 
     def config_json(self) -> str:
         return json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+
+
+def _target_pattern(targeted: list[str]) -> str:
+    """PEFT's ``target_modules`` for these projections: a pattern, not a list of names, since the CLIP tower has
+    q_proj, k_proj and v_proj too; ``lm_head`` is the top-level module of that name."""
+    layers = [name for name in targeted if name != "lm_head"]
+    patterns = [rf".*language_model\..*\.({'|'.join(layers)})"] if layers else []
+    return "|".join(patterns + (["lm_head"] if "lm_head" in targeted else []))
 
 
 # --- in: original LLaVA's LoRA output (or a PEFT folder for a LLaVA) --------------------------------
@@ -167,16 +181,21 @@ def read_adapter_folder(folder: Path, config: LlavaConfig) -> ImportedAdapters:
     if weights_file is None:
         raise ConversionError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
     inputs = [settings_file, weights_file]
-    adapters, projector = {}, {}
-    for key, tensor in load_state(weights_file).items():
-        _sort(key, tensor, weights_file, adapters, projector)
     extra_file = folder / NON_LORA_TRAINABLES
     if extra_file.is_file():
         inputs.append(extra_file)
-        for key, tensor in load_state(extra_file).items():
-            _sort(key, tensor, extra_file, adapters, projector)
+    adapters, projector, base_copies = {}, {}, []
+    for path in inputs[1:]:
+        for key, tensor in load_state(path).items():
+            if key in _LM_HEAD_BASE:
+                base_copies.append(key)
+            else:
+                _sort(key, tensor, path, adapters, projector)
     dims = part_dims(config, "language")
     tensors, lora, notes = _fused(adapters, weights_file, dims, rank, scaling, settings.get("lora_dropout", 0.0))
+    if base_copies:
+        notes.append(f"{', '.join(base_copies)} (the base's own lm_head, which PEFT saves beside an lm_head adapter) "
+                     f"is not read: the output layer's weight stays the base's ({config.language.ckpt_path})")
     tensors.update(_projector(projector, config))
     if not projector:
         notes.append(f"{folder} holds no projector: the base's ({config.projector.ckpt_path}) stays, frozen")
@@ -214,14 +233,18 @@ def _sort(key: str, tensor: torch.Tensor, path: Path, adapters: dict, projector:
         if prefix is not None:
             adapters[("model." + module[len(prefix):] + ".weight", match.group("matrix"))] = (tensor, key, path)
             return
+        if module + ".weight" in HF_LM_HEAD:
+            adapters[(HF_LM_HEAD[0], match.group("matrix"))] = (tensor, key, path)
+            return
     else:
         for prefix, layout in _PROJECTOR_MODULES:
             if name.startswith(prefix):
                 projector[(layout, name[len(prefix):])] = (tensor, key, path)
                 return
-    raise ConversionError(f"{path}: {key!r} is neither a LoRA adapter of the language model's layers nor a projector "
-                          f"weight (expected names such as {PEFT_PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight "
-                          f"or {PEFT_PREFIX}model.mm_projector.0.weight); only such a LLaVA LoRA run is read")
+    raise ConversionError(f"{path}: {key!r} is neither a LoRA adapter of the language model's layers or lm_head "
+                          f"nor a projector weight (expected names such as {PEFT_PREFIX}model.layers.0.self_attn."
+                          f"q_proj.lora_A.weight or {PEFT_PREFIX}model.mm_projector.0.weight); only such a LLaVA LoRA "
+                          "run is read")
 
 
 def _fused(adapters: dict, path: Path, dims: PartDims, rank: int, scaling: float,

@@ -27,11 +27,13 @@ def latest_stage(out: Path) -> int:
     return 2 if (out / "checkpoints" / "stage2").is_dir() else 1
 
 
-def demo_config(out: Path, queries: int = 8, stage: Optional[int] = None) -> InferenceConfig:
-    """A demo model (``stage``: default the latest trained), its tokenizer and preprocessing, and its first
+def demo_config(out: Path, queries: int = 8, stage: Optional[int] = None,
+                checkpoint_name: Optional[str] = None) -> InferenceConfig:
+    """A demo model (``stage``: default the latest trained; ``checkpoint_name``: its folder under
+    ``OUT/checkpoints``, default ``stage1`` or ``stage2``), its tokenizer and preprocessing, and its first
     ``queries`` held-out images (stage 1: to caption; stage 2: with their first question)."""
     stage = stage or latest_stage(out)
-    checkpoint = out / "checkpoints" / f"stage{stage}"
+    checkpoint = out / "checkpoints" / (checkpoint_name or f"stage{stage}")
     model_json = out / ("model.json" if stage == 1 else "model_stage2.json")
     heldout = out / "data" / ("heldout" if stage == 1 else "instruct_heldout") / "data.json"
     for needed in (model_json, checkpoint, heldout):
@@ -81,16 +83,18 @@ def held_out_answers(out: Path, queries: int = 128, batch_size: int = 32) -> dic
     }
 
 
-def held_out_chat(out: Path, queries: int = 128, batch_size: int = 32) -> dict[str, list[str]]:
-    """The stage-2 model's greedy answers to the first question of ``queries`` held-out records: with the
-    record's image, with another record's (a fixed permutation) and with none (the tag removed). Returns
-    those three lists and the ``references``, in query order. Needs a torch.distributed world of one."""
+def held_out_chat(out: Path, queries: int = 128, batch_size: int = 32,
+                  checkpoint_name: str = "stage2") -> dict[str, list[str]]:
+    """The stage-2 model's (``OUT/checkpoints/CHECKPOINT_NAME``) greedy answers to the first question of
+    ``queries`` held-out records: with the record's image, with another record's (a fixed permutation) and with
+    none (the tag removed). Returns those three lists and the ``references``, in query order. Needs a
+    torch.distributed world of one."""
     import random
 
     from mm_plugin.data.records import IMAGE_TAG
     from mm_plugin.inference.pipeline import LlavaPipeline
 
-    config = demo_config(out, queries=queries, stage=2)
+    config = demo_config(out, queries=queries, stage=2, checkpoint_name=checkpoint_name)
     pipe = LlavaPipeline.from_config(config, batch_size=batch_size)
     shuffled = [query.images for query in config.queries]
     random.Random(0).shuffle(shuffled)

@@ -24,7 +24,7 @@ from mm_plugin.config.model import LlavaConfig
 from mm_plugin.config.names import PROJECTOR_MODEL_IDS, TORCH_DTYPES, is_adapter
 from mm_plugin.models.attention import SDPAttention
 from mm_plugin.models.image_tokens import ExpandedTokens, expand_image_tokens
-from mm_plugin.models.lora import initialise_adapters
+from mm_plugin.models.lora import OUTPUT_LAYER, adapt_output_layer, initialise_adapters
 from mm_plugin.models.packed_rows import attention_for_packed_rows, sample_positions, use_sample_positions
 from mm_plugin.models.specs import core_attention, language_layer_spec, projector_submodules, vision_layer_spec
 from mm_plugin.models.transformer_configs import language_config, projector_config, vision_config
@@ -104,8 +104,11 @@ class LlavaModel(MegatronModule):
             rotary_base=config.language.rotary_base,
         )
         use_sample_positions(self.language_model.rotary_pos_emb)  # for packed rows
-        if config.language.lora is not None:
-            initialise_adapters(self.language_model.decoder)
+        lora = config.language.lora
+        if lora is not None:
+            if post_process and OUTPUT_LAYER in lora.targets:  # GPTModel builds it itself, not from the spec
+                adapt_output_layer(self.language_model, lora)
+            initialise_adapters(self.language_model)
         self.cast_to_params_dtype()
         self.freeze()
 

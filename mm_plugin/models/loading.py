@@ -178,7 +178,8 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         model = LlavaModel(config, extra={"perform_initialization": False})
         names = set(load_model_weights(directory, model))
     tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
-    for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+    for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight",
+                 "language_model.output_layer.lora_B.weight"):
         if name in tensors:  # drop the vocabulary padding rows, as in a part file
             tensors[name] = tensors[name][: config.language.vocab_size]
     return tensors

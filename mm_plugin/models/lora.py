@@ -11,6 +11,9 @@ those of the unsplit layer and TP=2 computes what TP=1 does:
 * on a row-parallel layer (attention output, down), whose input is split: ``A`` is row-parallel like ``W``
   (its output summed over the ranks), ``B`` an ordinary linear, the same on every rank.
 
+The output layer (PEFT's ``lm_head``) is column-parallel over the (padded) vocabulary; megatron-core's GPTModel
+builds it itself, not from a spec, so :func:`adapt_output_layer` gives the built layer its adapter afterwards.
+
 In checkpoints the split adapter is saved like its layer (``B`` of gate+up through megatron-core's SwiGLU
 factory, as the weight), so a checkpoint reshards across TP; ``A`` is initialised from a seed of its layer's
 name and number, not from the rank, so every layout starts alike.
@@ -26,7 +29,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-from mm_plugin.config.model import LoraConfig
+from mm_plugin.config.model import LoraConfig, ModelConfigError
 
 ADAPTER_SEED = 0x10AA
 """Base seed of the adapters' ``A`` matrices (with each layer's number and name)."""
@@ -42,15 +45,24 @@ class LoraColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_size: int, *, config, init_method, lora: LoraConfig, glu: bool = False,
                  **kwargs):
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+        self.add_adapter(lora, glu)
+
+    def add_adapter(self, lora: LoraConfig, glu: bool = False) -> None:
+        """The adapter's parts, on this (built) layer."""
         self.glu, self.lora_scaling = glu, lora.scaling
         self.lora_dropout = torch.nn.Dropout(lora.dropout)
-        self.lora_A = torch.nn.Linear(input_size, lora.rank, bias=False, dtype=config.params_dtype)
-        self.lora_B = ColumnParallelLinear(lora.rank, output_size, config=config, init_method=_zero, bias=False,
-                                           gather_output=False, skip_bias_add=True)
+        self.lora_A = torch.nn.Linear(self.input_size, lora.rank, bias=False, dtype=self.config.params_dtype)
+        self.lora_B = ColumnParallelLinear(lora.rank, self.output_size, config=self.config, init_method=_zero,
+                                           bias=False, gather_output=self.gather_output, skip_bias_add=True)
 
     def forward(self, input_, *args, **kwargs):
         output, bias = super().forward(input_, *args, **kwargs)
-        update, _ = self.lora_B(self.lora_A(self.lora_dropout(input_)))
+        # B reads A's output, laid out as the layer's input: gathered over the sequence when the layer's input is
+        # (GPTModel's inference turns it off on its output layer), and gathered over the ranks when the layer's
+        # output is (the output layer's runtime_gather_output).
+        self.lora_B.sequence_parallel = self.sequence_parallel
+        update, _ = self.lora_B(self.lora_A(self.lora_dropout(input_)),
+                                runtime_gather_output=kwargs.get("runtime_gather_output"))
         return output + self.lora_scaling * update, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -85,25 +97,44 @@ class LoraRowParallelLinear(RowParallelLinear):
         return state
 
 
-def initialise_adapters(decoder: torch.nn.Module) -> None:
+OUTPUT_LAYER = "output_layer"
+"""The output layer's name, as a LoRA target (``LoraConfig.targets``) and in GPTModel."""
+
+
+def adapt_output_layer(language_model: torch.nn.Module, lora: LoraConfig) -> None:
+    """Give a built GPTModel's output layer (a plain ``ColumnParallelLinear``) an adapter in place: it becomes a
+    :class:`LoraColumnParallelLinear`, its weight untouched."""
+    if language_model.share_embeddings_and_output_weights:
+        raise ModelConfigError("text_decoder.lora targets output_layer, but the output layer shares its weight with "
+                               "the embedding (tied), which would train the embedding's adapter too; leave "
+                               "output_layer out of the targets")
+    layer = language_model.output_layer
+    layer.__class__ = LoraColumnParallelLinear
+    layer.add_adapter(lora)
+
+
+def initialise_adapters(language_model: torch.nn.Module) -> None:
     """Every adapter's ``A`` drawn as PEFT draws it (Kaiming-uniform, a = sqrt(5)) for the whole matrix from a
-    seed of the layer's global number and the adapter's name, then this rank's part of it kept."""
+    seed of the layer's global number (0: the output layer) and the adapter's name, then this rank's part of it
+    kept."""
     rank = parallel_state.get_tensor_model_parallel_rank()
-    for layer in decoder.layers:
-        for name, module in layer.named_modules():
-            if not isinstance(module, (LoraColumnParallelLinear, LoraRowParallelLinear)):
-                continue
-            seed = ADAPTER_SEED + 1000 * layer.layer_number + zlib.crc32(name.encode())
-            generator = torch.Generator().manual_seed(seed)
-            weight = module.lora_A.weight
-            split = isinstance(module, LoraRowParallelLinear)
-            full = torch.empty(weight.shape[0], weight.shape[1] * (
-                parallel_state.get_tensor_model_parallel_world_size() if split else 1))
-            bound = 1 / math.sqrt(full.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] matrix
-            full.uniform_(-bound, bound, generator=generator)
-            part = full[:, rank * weight.shape[1]:(rank + 1) * weight.shape[1]] if split else full
-            with torch.no_grad():
-                weight.copy_(part)
+    adapted = [(layer.layer_number, name, module) for layer in language_model.decoder.layers
+               for name, module in layer.named_modules()]
+    adapted.append((0, OUTPUT_LAYER, getattr(language_model, OUTPUT_LAYER, None)))
+    for layer_number, name, module in adapted:
+        if not isinstance(module, (LoraColumnParallelLinear, LoraRowParallelLinear)):
+            continue
+        seed = ADAPTER_SEED + 1000 * layer_number + zlib.crc32(name.encode())
+        generator = torch.Generator().manual_seed(seed)
+        weight = module.lora_A.weight
+        split = isinstance(module, LoraRowParallelLinear)
+        full = torch.empty(weight.shape[0], weight.shape[1] * (
+            parallel_state.get_tensor_model_parallel_world_size() if split else 1))
+        bound = 1 / math.sqrt(full.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] matrix
+        full.uniform_(-bound, bound, generator=generator)
+        part = full[:, rank * weight.shape[1]:(rank + 1) * weight.shape[1]] if split else full
+        with torch.no_grad():
+            weight.copy_(part)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -120,6 +120,8 @@ def _structure(model: torch.nn.Module) -> _Structure:
             found.vocab_keys.add(f"{path}weight")
         if isinstance(module, LanguageModule) and getattr(module, "post_process", False):
             found.vocab_keys.add(f"{path}output_layer.weight")
+            if hasattr(module.output_layer, "lora_B"):  # its adapter's B has a row per token too (models.lora)
+                found.vocab_keys.add(f"{path}output_layer.lora_B.weight")
             if module.share_embeddings_and_output_weights and not module.pre_process:
                 found.tied_keys[f"{path}output_layer.weight"] = f"{path}embedding.word_embeddings.weight"
         if isinstance(module, MLP) and module.config.gated_linear_unit:

@@ -145,7 +145,8 @@ def build_parser(extra_args_provider: Optional[Callable] = None) -> argparse.Arg
     lora.add_argument("--lora-alpha", type=_real(), default=None)
     lora.add_argument("--lora-dropout", type=_real(0.0, 1.0, high_open=True), default=None)
     lora.add_argument("--lora-targets", nargs="+", default=None,
-                      help="of linear_qkv linear_proj linear_fc1 linear_fc2 (default all four)")
+                      help="of linear_qkv linear_proj linear_fc1 linear_fc2 (the decoder layers' linears, the default) "
+                           "and output_layer (PEFT's lm_head)")
     optim.add_argument("--clip-grad", type=_real(), default=1.0, help="0 turns clipping off")
     optim.add_argument("--adam-beta1", type=_real(0.0, 1.0, high_open=True), default=0.9)
     optim.add_argument("--adam-beta2", type=_real(0.0, 1.0, high_open=True), default=0.999)

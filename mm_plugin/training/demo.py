@@ -19,7 +19,8 @@
                        position, several rounds, a fifth text-only), train and held-out, with stage 1's tokenizer;
                        OUT/model_stage2.json (language model and projector train)
     evaluate-stage2 OUT exact-match answers to held-out first questions with the right image, another sample's
-                       image and no image (evaluation_stage2.json)
+                       image and no image (evaluation_stage2.json; --checkpoint stage2-lora: the LoRA demo's,
+                       evaluation_stage2-lora.json)
 
 Both frozen parts first learn what a real LLaVA's parts bring: the vision tower to see the pictures
 (demo_vision.py), the language model language *and in-context copying* from the text-only run (captions
@@ -174,7 +175,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage2 = commands.add_parser("prepare-stage2")
     stage2.add_argument("out", type=Path)
     stage2.add_argument("--seed", type=int, default=0, help="varies the instruction data")
-    commands.add_parser("evaluate-stage2").add_argument("out", type=Path)
+    evaluate_stage2_parser = commands.add_parser("evaluate-stage2")
+    evaluate_stage2_parser.add_argument("out", type=Path)
+    evaluate_stage2_parser.add_argument("--checkpoint", default="stage2",
+                                        help="the stage-2 checkpoint's folder under OUT/checkpoints")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.command == "prepare":
@@ -190,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from mm_plugin.training.demo_evaluation import evaluate_stage2
 
-        evaluate_stage2(args.out)
+        evaluate_stage2(args.out, args.checkpoint)
     return 0
 
 

@@ -124,9 +124,10 @@ def exact_match(answers: list[str], references: list[str]) -> float:
     return sum(answer.strip() == reference.strip() for answer, reference in zip(answers, references)) / len(answers)
 
 
-def evaluate_stage2(out: str | Path) -> dict:
-    """Did stage 2 learn to answer from the picture? Exact-match answers to held-out first questions with the
-    right image, another sample's and none; printed and written to ``OUT/evaluation_stage2.json``."""
+def evaluate_stage2(out: str | Path, checkpoint_name: str = "stage2") -> dict:
+    """Did stage 2 (``OUT/checkpoints/CHECKPOINT_NAME``: ``stage2``, or the LoRA demo's ``stage2-lora``) learn to
+    answer from the picture? Exact-match answers to held-out first questions with the right image, another
+    sample's and none; printed and written to ``OUT/evaluation_CHECKPOINT_NAME.json``."""
     from mm_plugin.inference.demo import held_out_chat
     from mm_plugin.parallel.world import join_world, set_model_parallel
     from mm_plugin.safe_io import write_text
@@ -134,7 +135,7 @@ def evaluate_stage2(out: str | Path) -> dict:
     out = Path(out)
     join_world()
     set_model_parallel(1, 1)
-    chat = held_out_chat(out)
+    chat = held_out_chat(out, checkpoint_name=checkpoint_name)
     references = chat["references"]
     conditions = {"right_image": chat["answers"], "another_image": chat["answers_images_shuffled"],
                   "no_image": chat["answers_without_image"]}
@@ -145,5 +146,5 @@ def evaluate_stage2(out: str | Path) -> dict:
     report = {"exact_match": matched,
               "examples": [{"reference": reference, **{name: answers[k] for name, answers in conditions.items()}}
                            for k, reference in enumerate(references[:8])]}
-    write_text(out / "evaluation_stage2.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / f"evaluation_{checkpoint_name}.json", json.dumps(report, indent=2) + "\n")
     return report
