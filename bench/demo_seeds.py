@@ -6,11 +6,11 @@ seeds) and ``OMP_NUM_THREADS`` (threads per process: the kernels' float rounding
 held-out numbers come from the ``evaluation.json`` its last step writes. The table is what BENCHMARKS.md
 shows and what the demo tests' thresholds are set against (tests/test_demo.py, tests/test_inference_demo.py).
 
-    python bench/demo_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--json results.json] [--stage2]
+    python bench/demo_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--json results.json] [--stage2 [--lora]]
 
 ``--stage2`` runs ``bash examples/llava1.5/finetune_llava1_5.sh --demo`` instead (stage 1's demo, then stage 2's)
 and adds stage 2's held-out exact-match answers (``evaluation_stage2.json``): with the right image, another
-sample's and none.
+sample's and none. ``--lora`` runs stage 2's LoRA variant (``LORA=1``, ``evaluation_stage2-lora.json``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_demo(seed: int, threads: int, stage2: bool = False) -> dict:
-    """One demo run in a temporary folder; its evaluation.json (and evaluation_stage2.json) plus the wall time."""
+def run_demo(seed: int, threads: int, stage2: bool = False, lora: bool = False) -> dict:
+    """One demo run in a temporary folder; its evaluation.json (and evaluation_stage2.json, or with ``lora``
+    evaluation_stage2-lora.json) plus the wall time."""
     with tempfile.TemporaryDirectory(prefix="demo-seeds-") as folder:
         out = Path(folder) / "demo_out"
         python = Path(sys.executable)
         env = dict(os.environ, DEMO_DIR=str(out), DEMO_SEED=str(seed), OMP_NUM_THREADS=str(threads),
-                   PYTHON=str(python), MASTER_PORT=str(_free_port()), PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
+                   PYTHON=str(python), MASTER_PORT=str(_free_port()), PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}",
+                   LORA="1" if lora else "0")
         start = time.perf_counter()
         script = "finetune_llava1_5.sh" if stage2 else "pretrain_llava1_5.sh"
         result = subprocess.run(["bash", f"examples/llava1.5/{script}", "--demo"], cwd=ROOT, env=env,
@@ -54,7 +56,8 @@ def run_demo(seed: int, threads: int, stage2: bool = False) -> dict:
             raise SystemExit(f"seed {seed}, {threads} thread(s): the demo failed\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
         report = json.loads((out / "evaluation.json").read_text())
         if stage2:
-            report["stage2"] = json.loads((out / "evaluation_stage2.json").read_text())["exact_match"]
+            evaluation = "evaluation_stage2-lora.json" if lora else "evaluation_stage2.json"
+            report["stage2"] = json.loads((out / evaluation).read_text())["exact_match"]
     return {"seed": seed, "threads": threads, "seconds": round(seconds, 1), **report}
 
 
@@ -72,6 +75,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="OMP_NUM_THREADS per process")
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--stage2", action="store_true", help="run the stage-2 demo too (after stage 1's)")
+    parser.add_argument("--lora", action="store_true", help="with --stage2: its LoRA variant (LORA=1)")
     args = parser.parse_args()
 
     print(f"{cpu_name()}, {os.cpu_count()} cores; "
@@ -84,7 +88,7 @@ def main() -> int:
     runs = []
     for seed in args.seeds:
         for threads in args.threads:
-            runs.append(run_demo(seed, threads, args.stage2))
+            runs.append(run_demo(seed, threads, args.stage2, args.lora))
             print(_row(runs[-1]), flush=True)
     worst = {a: min(run["named"]["right_image"][a] for run in runs) for a in ATTRIBUTES}
     ratio = min(run["losses"][other] / run["losses"]["with_images"] for run in runs
