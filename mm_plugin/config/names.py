@@ -43,6 +43,10 @@ PROJECTOR = Part("projector", "vision_projector", "vision_projection.",
 LANGUAGE = Part("language", "text_decoder", "language_model.", ("model.language_model.", "language_model.model."))
 PARTS = (VISION, PROJECTOR, LANGUAGE)
 
+VOCABULARY_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.lora_B.weight")
+"""The language model's tensors with a row per token (the output layer adapter's ``B`` too), by names within it:
+a built model pads them to ``padded_vocab_size``, and the padding rows are no part of a file."""
+
 
 def is_adapter(name: str) -> bool:
     """Whether a parameter (or checkpoint key) is a LoRA adapter's (``models.lora``)."""

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from mm_plugin.config.model import LlavaConfig, from_hf_config
-from mm_plugin.config.names import is_adapter
+from mm_plugin.config.names import VOCABULARY_TABLES, is_adapter
 from mm_plugin.convert.errors import ConversionError
 from mm_plugin.convert.pipeline import copy_file
 from mm_plugin.convert.plan import Planned, describe, plan_part
@@ -24,9 +24,6 @@ from mm_plugin.safe_io import write_text
 
 PARTS = ("vision", "projector", "language")
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Our vocabulary tables (and the output layer adapter's B): a built model pads them (padded_vocab_size), and the
-# padding rows are no part of a file.
-_VOCABULARY_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.lora_B.weight")
 
 
 def read_trained(checkpoint_dir: Path) -> Mapping[str, torch.Tensor]:
@@ -63,7 +60,7 @@ def write_trained(config: LlavaConfig, model_json: Path, trained: Mapping[str, t
     with torch.no_grad():
         for name, parameter in parameters.items():
             tensor = trained[name]
-            if name.removeprefix(OUR_PREFIXES["language"]) in _VOCABULARY_KEYS:  # the real vocabulary's rows
+            if name.removeprefix(OUR_PREFIXES["language"]) in VOCABULARY_TABLES:  # the real vocabulary's rows
                 parameter.zero_()  # the padding rows (padded_vocab_size)
                 parameter = parameter[: tensor.shape[0]]
             parameter.copy_(tensor)
@@ -150,7 +147,7 @@ def _split_trained(trained: Mapping[str, torch.Tensor], trained_from: str,
             raise ConversionError(f"{trained_from}: {key!r} is not a LLaVA model tensor (expected a name under "
                                   f"{', '.join(OUR_PREFIXES[p] for p in PARTS)})")
         relative, tensor = key[len(OUR_PREFIXES[part]):], trained[key]
-        if part == "language" and relative in _VOCABULARY_KEYS and tensor.shape[0] > vocab:
+        if part == "language" and relative in VOCABULARY_TABLES and tensor.shape[0] > vocab:
             notes.append(f"{key}: {tensor.shape[0] - vocab} padding rows beyond the vocabulary ({vocab}) dropped")
             tensor = tensor[:vocab]
         overlay[part][relative] = tensor

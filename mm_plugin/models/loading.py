@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from mm_plugin.checkpoint.reading import (CheckpointError, common_state, load_model_weights, reading_checkpoint,
                                           saved_model_config, trained_model_config)
 from mm_plugin.config.model import LlavaConfig, ModelConfigError
-from mm_plugin.config.names import LANGUAGE, PARTS, is_adapter
+from mm_plugin.config.names import LANGUAGE, PARTS, VOCABULARY_TABLES, is_adapter
 from mm_plugin.models.llava import LlavaModel
 from mm_plugin.parallel import load_full_state_dict
 from mm_plugin.parallel.sources import TensorSource
@@ -178,8 +178,7 @@ def read_model_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         model = LlavaModel(config, extra={"perform_initialization": False})
         names = set(load_model_weights(directory, model))
     tensors = {name: tensor.detach() for name, tensor in model.state_dict().items() if name in names}
-    for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight",
-                 "language_model.output_layer.lora_B.weight"):
+    for name in (LANGUAGE.module_prefix + table for table in VOCABULARY_TABLES):
         if name in tensors:  # drop the vocabulary padding rows, as in a part file
             tensors[name] = tensors[name][: config.language.vocab_size]
     return tensors
