@@ -71,16 +71,25 @@ IMAGE_TOKEN = 32000
 IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches
 
 
+def llava_config(vision: dict, text: dict, *, image_size: int = 336, vocab_size: int = 32064,
+                 image_token: int = IMAGE_TOKEN, use_cache: bool = True):
+    """A Hugging Face ``LlavaConfig`` laid out as LLaVA-1.5 (CLIP patches of 14, the second-to-last layer's
+    features, a LLaMA with untied output layer) with these ``vision`` and ``text`` sizes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision, image_size=image_size, patch_size=14),
+        text_config=LlamaConfig(**text, vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False, use_cache=use_cache),
+        image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // 14) ** 2)
+
+
 def build_hf(shape: str, dtype: torch.dtype, device: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     spec = SHAPES[shape]
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**spec["vision"], image_size=336, patch_size=14),
-        text_config=LlamaConfig(**spec["text"], vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                                tie_word_embeddings=False),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=IMAGE_TOKENS)
+    config = llava_config(spec["vision"], spec["text"])
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype).eval()

@@ -186,16 +186,12 @@ def summarise(step_seconds: list, items: list, per_step: int, losses: list, args
 
 def build_hf(args, vocab_size: int, image_token: int, dtype: torch.dtype):
     """A random Hugging Face LLaVA of the shape (``--layers``: that many language-model layers)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     shape = SHAPES[args.shape]
     text = {**shape["text"], **({"num_hidden_layers": args.layers} if args.layers else {})}
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**shape["vision"], image_size=shape["image_size"], patch_size=14),
-        text_config=LlamaConfig(**text, vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                                tie_word_embeddings=False, use_cache=False),
-        image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(shape["image_size"] // 14) ** 2)
+    config = inference_speed.llava_config(shape["vision"], text, image_size=shape["image_size"],
+                                          vocab_size=vocab_size, image_token=image_token, use_cache=False)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype on the device: no fp32 copy of a 7B model on the way
